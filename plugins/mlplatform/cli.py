@@ -1,0 +1,182 @@
+"""``mlplatform`` command line: lint, render, sync-pools, schema, data, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mlplatform.config import REPO_ROOT, get_config
+
+SCHEMA_DIR = REPO_ROOT / "include" / "schema"
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    """Print every problem as ``file:line:col: field: message``; exit 1 when there is any."""
+    from mlplatform.spec.loader import load_catalog
+
+    config = get_config()
+    only = [Path(f).resolve() for f in args.files] if args.files else None
+    catalog = load_catalog(config, only=only)
+    problems = list(catalog.problems)
+    if args.deep:
+        problems += _deep_problems(catalog)
+    for p in problems:
+        print(p)
+    checked = len(catalog.specs) + len(catalog.broken)
+    bad = len({p.file for p in problems})
+    print(f"{checked} spec(s) checked, {len(problems)} problem(s) in {bad} file(s)", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _deep_problems(catalog) -> list:
+    """Checks that need Great Expectations itself (slow to import, so only on request)."""
+    from mlplatform.stages.validate import expectation_problems
+
+    out = []
+    for loaded in catalog.specs:
+        for index, message in expectation_problems(loaded.spec.spec.validation.expectations):
+            out.append(loaded.located.problem(("spec", "validation", "expectations", index), message))
+    return out
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    """Show a pipeline DAG's tasks, pools and schedule; ``--pod`` prints the Kubernetes train pod."""
+    from mlplatform.factory.build import build_dag
+    from mlplatform.spec.loader import load_catalog
+
+    config = get_config()
+    catalog = load_catalog(config)
+    loaded = next((s for s in catalog.specs if s.dag_id == args.dag_id), None)
+    if loaded is None:
+        broken = next((b for b in catalog.broken if b.dag_id == args.dag_id), None)
+        if broken:
+            print("\n".join(str(p) for p in broken.problems), file=sys.stderr)
+        else:
+            print(f"no pipeline {args.dag_id!r}; known: {', '.join(s.dag_id for s in catalog.specs)}", file=sys.stderr)
+        return 1
+    if args.pod:
+        return _render_pod(loaded, catalog, config)
+    dag = build_dag(loaded, catalog, config)
+    from mlplatform.factory.build import schedule_summary
+
+    print(f"DAG {dag.dag_id}  schedule: {schedule_summary(loaded)}  max_active_runs={dag.max_active_runs}")
+    print(f"{'task':15} {'upstream':28} {'pool':16} {'slots':>5} {'retries':>7}  trigger_rule")
+    for task in dag.tasks:
+        ups = ",".join(sorted(task.upstream_task_ids)) or "-"
+        print(f"{task.task_id:15} {ups:28} {task.pool:16} {task.pool_slots:>5} {task.retries:>7}  {task.trigger_rule}")
+    print("params: " + ", ".join(sorted(dag.params.keys())))
+    return 0
+
+
+def _render_pod(loaded, catalog, config) -> int:
+    from mlplatform.k8s.manifests import to_yaml
+    from mlplatform.k8s.pod import render_train_pod
+    from mlplatform.stages.context import RunContext
+    from mlplatform.stages.train_local import train_env
+
+    ctx = RunContext(spec=loaded.spec, tenant=catalog.tenants[loaded.spec.metadata.tenant], config=config,
+                     run_id="manual__render", spec_sha256=loaded.sha256)
+    features = {"train_path": "s3://<artifacts>/train.parquet", "holdout_path": "s3://<artifacts>/holdout.parquet",
+                "feature_columns": list(loaded.spec.spec.data.features or ["<feature columns>"]),
+                "fingerprint": "sha256:<training set>"}
+    env = train_env(ctx, features, Path("/airflow/xcom/return.json"), Path("/scratch"))
+    print(to_yaml([render_train_pod(ctx, env)]), end="")
+    return 0
+
+
+def cmd_k8s(args: argparse.Namespace) -> int:
+    """Namespace, ResourceQuota, LimitRange and RBAC per tenant, from the same files as the pools."""
+    from mlplatform.k8s.manifests import tenant_manifests, to_yaml
+    from mlplatform.spec.loader import load_catalog
+
+    catalog = load_catalog(get_config(), only=[])
+    names = args.tenants or sorted(catalog.tenants)
+    missing = [n for n in names if n not in catalog.tenants]
+    if missing:
+        print(f"unknown tenant(s): {', '.join(missing)}", file=sys.stderr)
+        return 1
+    print(to_yaml([doc for n in names for doc in tenant_manifests(catalog.tenants[n])]), end="")
+    return 0
+
+
+def cmd_sync_pools(args: argparse.Namespace) -> int:
+    """Reconcile Airflow pools with the tenant files; prints what changed."""
+    from mlplatform.spec.loader import load_catalog
+    from mlplatform.tenants.pools import sync_pools
+
+    catalog = load_catalog(get_config(), only=[])
+    if catalog.platform_problems:
+        for p in catalog.platform_problems:
+            print(p, file=sys.stderr)
+        print("refusing to sync pools while tenant or template files have errors", file=sys.stderr)
+        return 1
+    for change in sync_pools(catalog.tenants, dry_run=args.dry_run):
+        print(change)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    """Write the JSON Schemas editors use for completion (include/schema/)."""
+    from mlplatform.spec.schema import write_schemas
+
+    for path in write_schemas(Path(args.out)):
+        print(path)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Generate the deterministic example data sets under the platform data root."""
+    from mlplatform.data.generate import generate_all
+
+    for source, rows in generate_all(get_config(), force=args.force).items():
+        print(f"{source}: {rows} rows")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run one pipeline end to end on real Airflow components and print what it produced."""
+    from mlplatform.demo import run_demo
+
+    return run_demo(args.dag_id, timeout=args.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlplatform", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("lint", help="check specs; compiler-style output, exit 1 on problems")
+    p.add_argument("files", nargs="*", help="spec files (default: every spec under the specs folder)")
+    p.add_argument("--deep", action="store_true", help="also check expectations with Great Expectations itself")
+    p.set_defaults(func=cmd_lint)
+    p = sub.add_parser("render", help="show a pipeline's DAG (or, with --pod, its Kubernetes train pod)")
+    p.add_argument("dag_id")
+    p.add_argument("--pod", action="store_true")
+    p.set_defaults(func=cmd_render)
+    p = sub.add_parser("k8s", help="print tenant Kubernetes manifests (Namespace, ResourceQuota, LimitRange, RBAC)")
+    p.add_argument("tenants", nargs="*")
+    p.set_defaults(func=cmd_k8s)
+    p = sub.add_parser("sync-pools", help="reconcile Airflow pools with the tenant quota files")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(func=cmd_sync_pools)
+    p = sub.add_parser("schema", help="write JSON Schemas for specs and tenant files")
+    p.add_argument("--out", default=str(SCHEMA_DIR))
+    p.set_defaults(func=cmd_schema)
+    p = sub.add_parser("data", help="generate the example data sets")
+    p.add_argument("action", choices=["generate"])
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_data)
+    p = sub.add_parser("demo", help="run one pipeline end to end on a real scheduler and print results")
+    p.add_argument("dag_id", nargs="?", default="acme__churn-xgb")
+    p.add_argument("--timeout", type=int, default=900)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Spec + template -> DAG. Imports nothing heavy: this runs on every DAG-file parse."""

@@ -1,0 +1,139 @@
+"""Spec + template -> Airflow DAG. Runs at parse time for every spec: keep it cheap, import no ML library."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta, timezone
+
+from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable
+
+from mlplatform.config import PlatformConfig
+from mlplatform.factory.docs import broken_doc_md, spec_doc_md
+from mlplatform.factory.params import trigger_params
+from mlplatform.operators.stages import STAGE_OPERATORS, SpecErrorOperator
+from mlplatform.spec.loader import BrokenSpec, Catalog, LoadedSpec
+from mlplatform.spec.model import duration_seconds
+from mlplatform.spec.template import PipelineTemplate
+
+log = logging.getLogger(__name__)
+
+START_DATE = datetime(2026, 1, 1, tzinfo=timezone.utc)
+_PRESETS = {
+    "@hourly": "0 * * * *",
+    "@daily": "0 0 * * *",
+    "@weekly": "0 0 * * 0",
+    "@monthly": "0 0 1 * *",
+    "@quarterly": "0 0 1 */3 *",
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+}
+
+
+def drift_asset(tenant: str, pipeline: str) -> Asset:
+    """The Asset a pipeline's drift monitor emits; namespaced by tenant so no tenant triggers another."""
+    return Asset(name=f"{tenant}__{pipeline}__drift", uri=f"mlplatform://{tenant}/{pipeline}/drift",
+                 group="mlplatform-drift")
+
+
+def schedule_for(loaded: LoadedSpec):
+    """Cron OR drift Asset (one DAG for scheduled and drift-triggered retraining)."""
+    body = loaded.spec.spec
+    cron = _PRESETS.get(body.schedule, body.schedule) if body.schedule else None
+    if not body.monitoring.retrain_on_drift:
+        return body.schedule
+    asset = drift_asset(loaded.spec.metadata.tenant, loaded.spec.metadata.name)
+    if cron is None or cron in ("@once", "@continuous"):
+        return [asset]
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=asset)
+
+
+def schedule_summary(loaded: LoadedSpec) -> str:
+    body = loaded.spec.spec
+    parts = [f"cron {body.schedule}"] if body.schedule else []
+    if body.monitoring.retrain_on_drift:
+        parts.append(f"asset {drift_asset(loaded.spec.metadata.tenant, loaded.spec.metadata.name).name}")
+    return " OR ".join(parts) or "manual only"
+
+
+def build_dag(loaded: LoadedSpec, catalog: Catalog, config: PlatformConfig) -> DAG:
+    """The pipeline DAG of one valid spec."""
+    spec = loaded.spec
+    md, body = spec.metadata, spec.spec
+    tenant = catalog.tenants[md.tenant]
+    template: PipelineTemplate = catalog.templates[body.template]
+    defaults = template.defaults
+    dag = DAG(
+        dag_id=spec.dag_id,
+        description=(md.description or f"{md.tenant}/{md.name}: {body.training.framework} pipeline")[:250],
+        schedule=schedule_for(loaded),
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=tenant.spec.quotas.max_active_runs,
+        tags=sorted({"mlplatform", f"tenant:{md.tenant}", f"template:{body.template}", *md.tags}),
+        doc_md=spec_doc_md(loaded, tenant, template),
+        params=trigger_params(spec),
+        default_args={
+            "owner": md.owner or tenant.spec.owner,
+            "retries": defaults.retries,
+            "retry_delay": timedelta(seconds=duration_seconds(defaults.retry_delay)),
+            "execution_timeout": timedelta(seconds=duration_seconds(defaults.timeout)),
+            "pool": tenant.cpu_pool,
+        },
+    )
+    common = {"spec": spec, "tenant": tenant, "spec_sha256": loaded.sha256, "dag": dag}
+    tasks = {}
+    for node in template.stages:
+        kwargs = dict(common, task_id=node.name, trigger_rule=node.trigger_rule)
+        if node.retries is not None:
+            kwargs["retries"] = node.retries
+        if node.timeout is not None:
+            kwargs["execution_timeout"] = timedelta(seconds=duration_seconds(node.timeout))
+        if node.name == "train":
+            gpu = body.training.resources.gpu
+            kwargs["execution_timeout"] = timedelta(seconds=duration_seconds(body.training.timeout))
+            if gpu > 0:
+                kwargs.update(pool=tenant.gpu_pool, pool_slots=gpu)
+        if node.name == "drift_monitor":
+            kwargs["drift_asset"] = drift_asset(md.tenant, md.name)
+        task = STAGE_OPERATORS[node.name](**kwargs)
+        for upstream in node.after:
+            tasks[upstream] >> task
+        tasks[node.name] = task
+    return dag
+
+
+def build_broken_dag(broken: BrokenSpec) -> DAG:
+    """A paused, unscheduled stand-in that keeps the DAG id and shows the spec's errors in the UI."""
+    first = str(broken.problems[0]) if broken.problems else "invalid spec"
+    dag = DAG(
+        dag_id=broken.dag_id,
+        description=f"INVALID SPEC: {first}"[:250],
+        schedule=None,
+        start_date=START_DATE,
+        catchup=False,
+        is_paused_upon_creation=True,
+        tags=["mlplatform", "invalid-spec", f"tenant:{broken.tenant}"],
+        doc_md=broken_doc_md(broken),
+    )
+    SpecErrorOperator(task_id="spec_error", problems=[str(p) for p in broken.problems], dag=dag, retries=0)
+    return dag
+
+
+def build_all(catalog: Catalog, config: PlatformConfig) -> dict[str, DAG]:
+    """Every DAG: one per valid spec, a stand-in per broken one. One failure never hides the others."""
+    dags: dict[str, DAG] = {}
+    for loaded in catalog.specs:
+        try:
+            dags[loaded.dag_id] = build_dag(loaded, catalog, config)
+        except Exception as exc:  # a factory bug must not take every other tenant's DAGs down with it
+            log.exception("building %s failed", loaded.dag_id)
+            from mlplatform.spec.errors import Problem
+
+            problem = Problem(loaded.display, 1, 1, "", f"internal error building the DAG: {exc!r}")
+            broken = BrokenSpec(loaded.path, loaded.display, loaded.spec.metadata.tenant,
+                                loaded.spec.metadata.name, [problem])
+            dags[broken.dag_id] = build_broken_dag(broken)
+    for broken in catalog.broken:
+        if broken.dag_id not in dags:
+            dags[broken.dag_id] = build_broken_dag(broken)
+    return dags

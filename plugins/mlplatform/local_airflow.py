@@ -1,0 +1,196 @@
+"""Run real Airflow components (api-server, scheduler, dag-processor, triggerer) as local processes.
+
+Used by ``mlplatform demo`` and by the tests that need a real scheduler. Configuration is environment
+variables only, so the same code runs against SQLite (the embedded default) or PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from mlplatform.config import REPO_ROOT
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def airflow_env(home: Path, port: int, sql_conn: str | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for one local Airflow installation rooted at ``home``."""
+    home.mkdir(parents=True, exist_ok=True)
+    secret_file = home / "secret_key"
+    if not secret_file.exists():
+        secret_file.write_text(secrets.token_urlsafe(32))
+    secret = secret_file.read_text().strip()
+    env = dict(os.environ)
+    env.update({
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO_ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "8",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sql_conn or f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__SECRET_KEY": secret,
+        "AIRFLOW__API_AUTH__JWT_SECRET": secret,
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
+        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+        "GIT_PYTHON_REFRESH": "quiet",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+    })
+    env.update(extra or {})
+    return env
+
+
+def airflow(env: dict[str, str], *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run one ``airflow`` CLI command."""
+    return subprocess.run([str(BIN / "airflow"), *args], env=env, check=check, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+class AirflowProcesses:
+    """Starts components, waits for the api-server, and stops them all (process groups) on exit."""
+
+    def __init__(self, env: dict[str, str], components: tuple[str, ...] = ("api-server", "scheduler", "dag-processor")):
+        self.env = env
+        self.components = components
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.log_dir = Path(env["AIRFLOW_HOME"]) / "process-logs"
+        self.base_url = env["AIRFLOW__API__BASE_URL"]
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for name in self.components:
+            args = ["api-server", "--port", self.env["AIRFLOW__API__PORT"], "--host", "127.0.0.1"] \
+                if name == "api-server" else [name]
+            log = open(self.log_dir / f"{name}.log", "ab")
+            self.procs[name] = subprocess.Popen([str(BIN / "airflow"), *args], env=self.env, stdout=log,
+                                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_for_api()
+
+    def wait_for_api(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                if httpx.get(f"{self.base_url}/api/v2/monitor/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"api-server not healthy after {timeout}s; see {self.log_dir}/api-server.log")
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"airflow {name} exited with {proc.returncode}:\n{tail}")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def __enter__(self) -> AirflowProcesses:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class ApiClient:
+    """The few REST calls the demo and tests make (all admins on the local simple auth manager)."""
+
+    def __init__(self, base_url: str, token: str | None = None):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=f"{base_url}/api/v2", timeout=30, headers=headers)
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 180) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = self.http.get(f"/dags/{dag_id}")
+            if r.status_code == 200:
+                return r.json()
+            time.sleep(2)
+        raise TimeoutError(f"DAG {dag_id} did not appear within {timeout}s")
+
+    def trigger(self, dag_id: str, conf: dict | None = None) -> str:
+        self.http.patch(f"/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
+        r = self.http.post(f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}})
+        r.raise_for_status()
+        return r.json()["dag_run_id"]
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float, on_tick=None) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.http.get(f"/dags/{dag_id}/dagRuns/{run_id}").json()
+            if on_tick:
+                on_tick(self.task_states(dag_id, run_id))
+            if run["state"] in ("success", "failed"):
+                return run
+            time.sleep(3)
+        raise TimeoutError(f"run {run_id} of {dag_id} not finished within {timeout}s")
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
+        r = self.http.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
+        return {ti["task_id"]: ti["state"] for ti in r.json().get("task_instances", [])}
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str):
+        r = self.http.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value",
+                          params={"deserialize": True})
+        return r.json().get("value") if r.status_code == 200 else None
+
+    def import_errors(self) -> list[dict]:
+        return self.http.get("/importErrors").json().get("import_errors", [])
+
+    def dag_ids(self) -> list[str]:
+        return [d["dag_id"] for d in self.http.get("/dags", params={"limit": 1000}).json()["dags"]]
+
+
+@contextmanager
+def running_airflow(home: Path, sql_conn: str | None = None, extra: dict[str, str] | None = None,
+                    components: tuple[str, ...] = ("api-server", "scheduler", "dag-processor")):
+    """Migrate the metadata DB, sync pools, start the components; yields (env, ApiClient)."""
+    port = free_port()
+    env = airflow_env(home, port, sql_conn, extra)
+    airflow(env, "db", "migrate")
+    subprocess.run([str(BIN / "mlplatform"), "sync-pools"], env=env, check=True, capture_output=True, text=True)
+    with AirflowProcesses(env, components) as procs:
+        yield env, ApiClient(procs.base_url), procs

@@ -1,0 +1,67 @@
+"""The base of every stage operator: the spec travels with the task, the work happens in ``run()``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
+
+from mlplatform.config import get_config
+from mlplatform.spec.model import PipelineSpec, TenantFile
+
+log = logging.getLogger(__name__)
+
+# Set wherever tasks run: MLflow and friends phone home otherwise.
+_QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "GIT_PYTHON_REFRESH": "quiet"}
+
+
+class StageOperator(BaseOperator):
+    """Runs one pipeline stage for one spec; subclasses implement ``run(ctx, upstream, context)``."""
+
+    ui_color = "#e8f0fe"
+    stage: str = ""
+    upstream_stages: tuple[str, ...] = ()
+
+    def __init__(self, *, spec: PipelineSpec, tenant: TenantFile, spec_sha256: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.spec = spec
+        self.tenant = tenant
+        self.spec_sha256 = spec_sha256
+
+    def run_context(self, context: Any):
+        from mlplatform.stages.context import RunContext
+
+        params = dict(context.get("params") or {})
+        return RunContext(
+            spec=self.spec,
+            tenant=self.tenant,
+            config=get_config(),
+            run_id=context["run_id"],
+            spec_sha256=self.spec_sha256,
+            as_of=params.get("as_of") or None,
+            params=params,
+            try_number=getattr(context.get("ti"), "try_number", 1) or 1,
+        )
+
+    def upstream_results(self, context: Any) -> dict[str, Any]:
+        """XCom results of the stages this one reads, by stage name (missing stages are None)."""
+        ti = context["ti"]
+        return {name: ti.xcom_pull(task_ids=name) for name in self.upstream_stages}
+
+    def execute(self, context: Any) -> Any:
+        for key, value in _QUIET_ENV.items():
+            os.environ.setdefault(key, value)
+        from mlplatform.stages.context import StageFailed
+
+        ctx = self.run_context(context)
+        try:
+            return self.run(ctx, self.upstream_results(context), context)
+        except StageFailed as exc:
+            # A data or spec problem: retrying cannot help, so fail now with the message the tenant needs.
+            raise AirflowFailException(f"{self.stage} failed for {self.spec.dag_id}:\n{exc}") from None
+
+    def run(self, ctx: Any, upstream: dict[str, Any], context: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Spec format v1: models, safe YAML loading with file:line errors, JSON Schema export."""

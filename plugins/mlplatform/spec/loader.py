@@ -1,0 +1,437 @@
+"""Load tenant files, templates and pipeline specs into one catalog, collecting every problem.
+
+Nothing here raises for a bad file: a broken spec becomes a ``BrokenSpec`` with its problems, so one
+tenant's typo can never hide another tenant's DAGs. Runs at DAG-parse time: no ML imports.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import posixpath
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from mlplatform.config import PlatformConfig
+from mlplatform.spec.errors import Problem, SpecError
+from mlplatform.spec.model import (
+    NAME_RE,
+    PipelineSpec,
+    TenantFile,
+    cpu_cores,
+    dag_id_for,
+    memory_bytes,
+)
+from mlplatform.spec.secrets import find_secrets
+from mlplatform.spec.template import PipelineTemplate
+from mlplatform.spec.yamlsafe import Located, dotted, load_file
+
+SPEC_SUFFIXES = (".yaml", ".yml")
+_EXPECTATIONS_FILE = Path(__file__).with_name("gx_expectations.json")
+
+
+@dataclass
+class LoadedSpec:
+    path: Path
+    display: str
+    spec: PipelineSpec
+    located: Located
+    sha256: str
+    warnings: list[Problem] = field(default_factory=list)
+
+    @property
+    def dag_id(self) -> str:
+        return self.spec.dag_id
+
+
+@dataclass
+class BrokenSpec:
+    path: Path
+    display: str
+    tenant: str
+    name: str
+    problems: list[Problem]
+
+    @property
+    def dag_id(self) -> str:
+        return dag_id_for(self.tenant, self.name)
+
+
+@dataclass
+class Catalog:
+    tenants: dict[str, TenantFile] = field(default_factory=dict)
+    templates: dict[str, PipelineTemplate] = field(default_factory=dict)
+    specs: list[LoadedSpec] = field(default_factory=list)
+    broken: list[BrokenSpec] = field(default_factory=list)
+    platform_problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[Problem]:
+        out = list(self.platform_problems)
+        for b in self.broken:
+            out.extend(b.problems)
+        return out
+
+
+# ------------------------------------------------------------------------------------ pydantic -> lines
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that holds the last key of ``loc`` (for "did you mean")."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+            continue
+        by_alias = {(f.alias or n): f for n, f in current.model_fields.items()}
+        f = by_alias.get(part) or current.model_fields.get(part)
+        if f is None:
+            return None
+        current = _inner_model(f.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _inner_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def validation_problems(exc: ValidationError, located: Located, model: type[BaseModel]) -> list[Problem]:
+    """Turn pydantic errors into problems at the spec's own lines, with suggestions for typos."""
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            key = loc[-1]
+            parent = _model_at(model, loc[:-1])
+            known = sorted((f.alias or n) for n, f in parent.model_fields.items()) if parent else []
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            msg = f"unknown field {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+            if known:
+                msg += f" (allowed: {', '.join(known)})"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        elif err["type"] in ("literal_error", "enum"):
+            msg = f"{err.get('input')!r} is not allowed; expected {err['ctx']['expected']}"
+        elif err["type"] == "string_pattern_mismatch":
+            msg = f"{err.get('input')!r} does not match {err['ctx']['pattern']}"
+        problems.append(located.problem(loc, msg))
+    return problems
+
+
+# ----------------------------------------------------------------------------------------- platform files
+
+
+def _load_model(path: Path, display: str, model: type[BaseModel]) -> tuple[Any, Located]:
+    located = load_file(path, display)
+    if not isinstance(located.data, dict):
+        raise SpecError([located.problem((), "expected a mapping with apiVersion, kind, metadata and spec")])
+    try:
+        return model.model_validate(located.data), located
+    except ValidationError as exc:
+        raise SpecError(validation_problems(exc, located, model)) from None
+
+
+def _files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix in SPEC_SUFFIXES and p.is_file())
+
+
+def load_tenants(config: PlatformConfig, catalog: Catalog) -> None:
+    for path in _files(config.tenants_dir):
+        display = _display(path, config)
+        try:
+            tenant, located = _load_model(path, display, TenantFile)
+        except SpecError as exc:
+            catalog.platform_problems.extend(exc.problems)
+            continue
+        if tenant.name != path.stem:
+            catalog.platform_problems.append(
+                located.problem(("metadata", "name"), f"tenant name {tenant.name!r} must equal the file name {path.stem!r}")
+            )
+            continue
+        catalog.tenants[tenant.name] = tenant
+
+
+def load_templates(config: PlatformConfig, catalog: Catalog) -> None:
+    for path in _files(config.templates_dir):
+        display = _display(path, config)
+        try:
+            template, located = _load_model(path, display, PipelineTemplate)
+        except SpecError as exc:
+            catalog.platform_problems.extend(exc.problems)
+            continue
+        if template.metadata.name != path.stem:
+            catalog.platform_problems.append(
+                located.problem(("metadata", "name"), f"template name must equal the file name {path.stem!r}")
+            )
+            continue
+        catalog.templates[template.metadata.name] = template
+
+
+def _display(path: Path, config: PlatformConfig) -> str:
+    for root in (config.specs_dir.parent.parent, config.specs_dir.parent):
+        try:
+            return str(path.resolve().relative_to(root.resolve()))
+        except ValueError:
+            continue
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------------ specs
+
+
+def load_catalog(config: PlatformConfig, only: list[Path] | None = None) -> Catalog:
+    """Load everything; ``only`` restricts the specs checked (tenants and templates are always loaded)."""
+    catalog = Catalog()
+    load_tenants(config, catalog)
+    load_templates(config, catalog)
+    paths = only if only is not None else spec_paths(config)
+    seen: dict[str, str] = {}
+    for path in paths:
+        result = load_spec(path, config, catalog)
+        if isinstance(result, LoadedSpec):
+            if result.dag_id in seen:
+                problem = result.located.problem(
+                    ("metadata", "name"), f"pipeline {result.spec.metadata.name!r} is already defined in {seen[result.dag_id]}"
+                )
+                catalog.broken.append(BrokenSpec(path, result.display, result.spec.metadata.tenant,
+                                                 result.spec.metadata.name, [problem]))
+                continue
+            seen[result.dag_id] = result.display
+            catalog.specs.append(result)
+        else:
+            catalog.broken.append(result)
+    return catalog
+
+
+def spec_paths(config: PlatformConfig) -> list[Path]:
+    """``<specs_dir>/<tenant>/<pipeline>.yaml`` for every tenant folder."""
+    if not config.specs_dir.is_dir():
+        return []
+    return [p for d in sorted(config.specs_dir.iterdir()) if d.is_dir() for p in _files(d)]
+
+
+def load_spec(path: Path, config: PlatformConfig, catalog: Catalog) -> LoadedSpec | BrokenSpec:
+    display = _display(path, config)
+    tenant_dir, stem = path.parent.name, path.stem
+    # A broken spec keeps a stable DAG id from its location, so its DAG shows the error instead of vanishing.
+    fallback_name = stem if re.match(NAME_RE, stem) else re.sub(r"[^a-z0-9-]+", "-", stem.lower()).strip("-") or "invalid"
+    fallback_tenant = tenant_dir if re.match(NAME_RE, tenant_dir) else "invalid"
+
+    def broken(problems: list[Problem]) -> BrokenSpec:
+        return BrokenSpec(path, display, fallback_tenant, fallback_name, problems)
+
+    try:
+        raw = path.read_bytes()
+        spec, located = _load_model(path, display, PipelineSpec)
+    except SpecError as exc:
+        return broken(exc.problems)
+    except OSError as exc:
+        return broken([Problem(display, 1, 1, "", f"cannot read file: {exc.strerror}")])
+    problems, warnings = check_spec(spec, located, catalog, tenant_dir, stem, config)
+    if problems:
+        return broken(problems)
+    return LoadedSpec(path, display, spec, located, hashlib.sha256(raw).hexdigest(), warnings)
+
+
+def check_spec(
+    spec: PipelineSpec, located: Located, catalog: Catalog, tenant_dir: str, stem: str, config: PlatformConfig
+) -> tuple[list[Problem], list[Problem]]:
+    """Checks that need more than one field: tenant, quota, template, paths, connections, secrets."""
+    p: list[Problem] = []
+    body = spec.spec
+    md = spec.metadata
+    p += [located.problem(path, msg) for path, msg in find_secrets(located.data)]
+    if md.name != stem:
+        p.append(located.problem(("metadata", "name"), f"name {md.name!r} must equal the file name {stem!r}"))
+    if md.tenant != tenant_dir:
+        p.append(located.problem(
+            ("metadata", "tenant"),
+            f"tenant {md.tenant!r} does not match the folder {tenant_dir!r}: a tenant's specs live in dags/specs/<tenant>/",
+        ))
+    tenant = catalog.tenants.get(md.tenant)
+    if tenant is None:
+        close = difflib.get_close_matches(md.tenant, list(catalog.tenants), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        p.append(located.problem(
+            ("metadata", "tenant"),
+            f"unknown tenant {md.tenant!r}{hint}: the platform team adds tenants in include/tenants/<tenant>.yaml",
+        ))
+        return p, []
+    if body.template not in catalog.templates:
+        close = difflib.get_close_matches(body.template, list(catalog.templates), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        p.append(located.problem(("spec", "template"), f"unknown template {body.template!r}; {hint}"
+                                 f"available: {', '.join(sorted(catalog.templates))}"))
+    q = tenant.spec.quotas
+    res = body.training.resources
+    if res.gpu > q.gpu_slots:
+        p.append(located.problem(
+            ("spec", "training", "resources", "gpu"),
+            f"{res.gpu} GPUs requested but tenant {tenant.name!r} has a quota of {q.gpu_slots}: "
+            f"ask for at most {q.gpu_slots} or ask the platform team to raise the quota",
+        ))
+    if cpu_cores(res.cpu) > cpu_cores(q.max_cpu_per_task):
+        p.append(located.problem(("spec", "training", "resources", "cpu"),
+                                 f"cpu {res.cpu} is above the tenant's per-task limit {q.max_cpu_per_task}"))
+    if memory_bytes(res.memory) > memory_bytes(q.max_memory_per_task):
+        p.append(located.problem(("spec", "training", "resources", "memory"),
+                                 f"memory {res.memory} is above the tenant's per-task limit {q.max_memory_per_task}"))
+    problem = check_data_source(body.data.source, tenant)
+    if problem:
+        p.append(located.problem(("spec", "data", "source"), problem))
+    conn = body.data.connection_id
+    if conn is not None and conn not in tenant.spec.connections:
+        allowed = ", ".join(tenant.spec.connections) or "none"
+        p.append(located.problem(("spec", "data", "connection_id"),
+                                 f"connection {conn!r} is not allowed for tenant {tenant.name!r} (allowed: {allowed})"))
+    for key in ("schedule",):
+        problem = check_schedule(getattr(body, key))
+        if problem:
+            p.append(located.problem(("spec", key), problem))
+    problem = check_schedule(body.monitoring.schedule)
+    if problem:
+        p.append(located.problem(("spec", "monitoring", "schedule"), problem))
+    p += _check_columns(spec, located)
+    p += _check_tunable(spec, located)
+    p += _check_expectations(spec, located)
+    return p, []
+
+
+def check_data_source(source: str, tenant: TenantFile) -> str | None:
+    """None when ``source`` is inside one of the tenant's allowed prefixes, else why not."""
+    normalised = normalise_source(source)
+    if normalised is None:
+        return (f"{source!r} is not a data path: use a path under the platform data root such as "
+                f"{tenant.spec.data.allowed_prefixes[0]}... or an s3:// URI; no '..', '~', '\\', or absolute paths")
+    for prefix in tenant.spec.data.allowed_prefixes:
+        prefix_n = normalise_source(prefix.rstrip("/")) or ""
+        if normalised == prefix_n or normalised.startswith(prefix_n + "/"):
+            return None
+    return (f"{source!r} is outside tenant {tenant.name!r}'s allowed data prefixes "
+            f"({', '.join(tenant.spec.data.allowed_prefixes)})")
+
+
+def normalise_source(source: str) -> str | None:
+    """Canonical form of a data source, or None when it tries to escape (``..``, ``~``, odd schemes)."""
+    s = source.strip()
+    if any(ch in s for ch in ("\\", "\x00", "~", "%", "?", "#", "@")) or any(ord(c) < 32 or ord(c) > 126 for c in s):
+        return None
+    if s.startswith("s3://"):
+        bucket_key = s[len("s3://"):]
+        if not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/|$)", bucket_key):
+            return None
+        scheme, rest = "s3://", bucket_key
+    elif "://" in s or s.startswith("/") or ":" in s:
+        return None
+    else:
+        scheme, rest = "", s
+    parts = rest.split("/")
+    if any(part in ("..", ".") for part in parts):
+        return None
+    norm = posixpath.normpath(rest).rstrip("/")
+    return scheme + norm if norm not in ("", ".") else None
+
+
+def check_schedule(value: str | None) -> str | None:
+    if value is None:
+        return None
+    presets = {"@once", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly", "@annually", "@continuous"}
+    if value.startswith("@"):
+        return None if value in presets else f"unknown schedule preset {value!r}; use one of {', '.join(sorted(presets))}"
+    from croniter import croniter  # already imported by Airflow's cron timetables
+
+    if len(value.split()) != 5 or not croniter.is_valid(value):
+        return f"{value!r} is not a valid cron expression (five fields: minute hour day month weekday)"
+    return None
+
+
+def _check_columns(spec: PipelineSpec, located: Located) -> list[Problem]:
+    d = spec.spec.data
+    out = []
+    reserved = {d.entity, d.timestamp, d.label}
+    if len(reserved) != 3:
+        out.append(located.problem(("spec", "data"), "entity, timestamp and label must be three different columns"))
+    if d.features:
+        for i, col in enumerate(d.features):
+            if col in reserved:
+                out.append(located.problem(("spec", "data", "features", i), f"{col!r} is the entity, timestamp or label"))
+    views = spec.spec.features.views
+    names = [v.name for v in views]
+    for i, v in enumerate(views):
+        if names.count(v.name) > 1:
+            out.append(located.problem(("spec", "features", "views", i, "name"), f"feature view {v.name!r} is defined twice"))
+        for j, col in enumerate(v.features):
+            if col in reserved:
+                out.append(located.problem(("spec", "features", "views", i, "features", j),
+                                           f"{col!r} is the entity, timestamp or label, not a feature"))
+            elif d.features and col not in d.features:
+                out.append(located.problem(("spec", "features", "views", i, "features", j),
+                                           f"{col!r} is not one of spec.data.features"))
+    return out
+
+
+def _check_tunable(spec: PipelineSpec, located: Located) -> list[Problem]:
+    """Every tunable hyperparameter has a default inside its bounds (it becomes a trigger-form Param)."""
+    training = spec.spec.training
+    out = []
+    for name, bounds in training.tunable.items():
+        where = ("spec", "training", "hyperparameters", name)
+        if name not in training.hyperparameters:
+            out.append(located.problem(("spec", "training", "tunable", name),
+                                       f"tunable {name!r} needs a default value in spec.training.hyperparameters"))
+            continue
+        value = training.hyperparameters[name]
+        if bounds.choices is not None:
+            if value not in bounds.choices:
+                out.append(located.problem(where, f"{value!r} is not one of its tunable choices {bounds.choices}"))
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            out.append(located.problem(where, f"{value!r} must be a number to have a tunable min/max"))
+        elif not bounds.minimum <= value <= bounds.maximum:
+            out.append(located.problem(where, f"{value} is outside its tunable range [{bounds.minimum:g}, {bounds.maximum:g}]"))
+    return out
+
+
+def _known_expectations() -> dict[str, list[str]]:
+    global _EXPECTATIONS
+    if _EXPECTATIONS is None:
+        _EXPECTATIONS = json.loads(_EXPECTATIONS_FILE.read_text()) if _EXPECTATIONS_FILE.exists() else {}
+    return _EXPECTATIONS
+
+
+_EXPECTATIONS: dict[str, list[str]] | None = None
+
+
+def _check_expectations(spec: PipelineSpec, located: Located) -> list[Problem]:
+    """Cheap parse-time check of expectation types against the list exported from Great Expectations."""
+    known = _known_expectations()
+    if not known:
+        return []
+    out = []
+    for i, e in enumerate(spec.spec.validation.expectations):
+        if e.type not in known:
+            close = difflib.get_close_matches(e.type, list(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            out.append(located.problem(("spec", "validation", "expectations", i, "type"),
+                                       f"unknown Great Expectations type {e.type!r}{hint}"))
+            continue
+        missing = [k for k in known[e.type] if k not in e.kwargs]
+        if missing:
+            out.append(located.problem(("spec", "validation", "expectations", i, "kwargs"),
+                                       f"{e.type} needs {', '.join(missing)}"))
+    return out
+
+
+__all__ = ["Catalog", "LoadedSpec", "BrokenSpec", "load_catalog", "load_spec", "spec_paths", "dotted"]

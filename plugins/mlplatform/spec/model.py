@@ -1,0 +1,326 @@
+"""Spec format v1: the pipeline spec a tenant writes and the tenant file the platform team owns.
+
+Every field has a default a newcomer would pick, so the smallest useful spec is about ten lines:
+
+    apiVersion: mlplatform.io/v1
+    kind: Pipeline
+    metadata: {name: churn, tenant: acme}
+    spec:
+      data: {source: acme/churn, entity: customer_id, timestamp: event_timestamp, label: churned}
+      training: {framework: xgboost}
+
+This module imports only pydantic (already loaded by Airflow), never an ML library.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_VERSION = "mlplatform.io/v1"
+NAME_RE = r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$"
+COLUMN_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
+Name = Annotated[str, Field(pattern=NAME_RE, min_length=2, max_length=40)]
+Column = Annotated[str, Field(pattern=COLUMN_RE, max_length=64)]
+
+_DURATION_RE = re.compile(r"^(\d+)(s|m|h|d)$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_CPU_RE = re.compile(r"^(\d+(\.\d+)?)(m?)$")
+_MEM_RE = re.compile(r"^(\d+(\.\d+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+_MEM_UNITS = {None: 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
+              "Ti": 2**40}
+
+
+def duration_seconds(value: str | int) -> int:
+    """``"90s"``, ``"15m"``, ``"2h"``, ``"30d"`` or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 15m, 2h or 7d")
+    if isinstance(value, int):
+        return value
+    m = _DURATION_RE.match(str(value).strip())
+    if not m:
+        raise ValueError(f"{value!r} is not a duration: write a number and a unit, e.g. 30s, 15m, 2h or 7d")
+    return int(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def cpu_cores(value: str | float | int) -> float:
+    """Kubernetes CPU quantity (``2``, ``"500m"``, ``"1.5"``) -> cores."""
+    m = _CPU_RE.match(str(value).strip())
+    if not m or isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a CPU quantity: write cores (2, 0.5) or millicores (500m)")
+    cores = float(m.group(1))
+    return cores / 1000 if m.group(3) else cores
+
+
+def memory_bytes(value: str | int) -> int:
+    """Kubernetes memory quantity (``"4Gi"``, ``"512Mi"``) -> bytes."""
+    m = _MEM_RE.match(str(value).strip())
+    if not m or isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a memory quantity: write e.g. 512Mi or 4Gi")
+    return int(float(m.group(1)) * _MEM_UNITS[m.group(3)])
+
+
+class Strict(BaseModel):
+    """Base model: unknown keys are errors (the loader adds a "did you mean")."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+
+
+class Metadata(Strict):
+    name: Name = Field(description="Pipeline name; must equal the file name without .yaml.")
+    tenant: Name = Field(description="Owning tenant; must equal the directory the spec lives in.")
+    owner: str | None = Field(None, max_length=120, description="Shown as the DAG owner; defaults to the tenant's.")
+    description: str = Field("", max_length=2000)
+    tags: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,40}$")]] = Field(default_factory=list, max_length=10)
+
+
+class DataSpec(Strict):
+    source: str = Field(
+        description="Folder of parquet files (optionally in dt=YYYY-MM-DD partitions): a path under the "
+        "platform data root (e.g. acme/churn) or an s3:// URI; must sit inside the tenant's allowed prefixes.",
+        min_length=1,
+        max_length=512,
+    )
+    entity: Column = Field(description="Entity id column, e.g. customer_id.")
+    timestamp: Column = Field(description="Event timestamp column.")
+    label: Column = Field(description="Label (target) column.")
+    features: list[Column] | None = Field(
+        None, description="Feature columns; default: every other column of the source."
+    )
+    connection_id: str | None = Field(
+        None, max_length=200, description="Airflow connection for s3:// sources; must be allowed for the tenant."
+    )
+
+
+class Expectation(Strict):
+    type: str = Field(pattern=r"^expect_[a-z0-9_]+$", description="A Great Expectations 1.x expectation type.")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    severity: Literal["error", "warning"] = "error"
+
+
+class ValidationSpec(Strict):
+    expectations: list[Expectation] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Checks on the input data; by default the entity, timestamp and label must be non-null.",
+    )
+    min_rows: int = Field(100, ge=1)
+
+
+class FeatureView(Strict):
+    name: Name
+    features: list[Column] = Field(min_length=1)
+    ttl: str = Field("30d", description="How far back a point-in-time join may look, e.g. 30d.")
+
+    @field_validator("ttl")
+    @classmethod
+    def _ttl(cls, v: str) -> str:
+        duration_seconds(v)
+        return v
+
+
+class FeaturesSpec(Strict):
+    views: list[FeatureView] = Field(
+        default_factory=list,
+        max_length=20,
+        description="Feast feature views over the source; default: one view holding every feature column.",
+    )
+
+
+class Resources(Strict):
+    cpu: str | float = Field("1", description="CPU request (cores or millicores).")
+    memory: str = Field("2Gi", description="Memory request and limit.")
+    gpu: int = Field(0, ge=0, le=64, description="GPUs; the train task takes this many slots of the tenant's GPU pool.")
+
+    @field_validator("cpu")
+    @classmethod
+    def _cpu(cls, v: Any) -> Any:
+        if cpu_cores(v) <= 0:
+            raise ValueError("cpu must be above 0")
+        return v
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        if memory_bytes(v) < 64 * 2**20:
+            raise ValueError("memory must be at least 64Mi")
+        return v
+
+
+HyperValue = int | float | str | bool
+
+
+class Tunable(Strict):
+    """Bounds within which a person may override one hyperparameter from the trigger form."""
+
+    minimum: float | None = Field(None, alias="min")
+    maximum: float | None = Field(None, alias="max")
+    choices: list[HyperValue] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Tunable:
+        if self.choices is None and (self.minimum is None or self.maximum is None):
+            raise ValueError("give either min and max, or choices")
+        if self.choices is not None and (self.minimum is not None or self.maximum is not None):
+            raise ValueError("give either min and max, or choices, not both")
+        if self.minimum is not None and self.maximum is not None and self.minimum > self.maximum:
+            raise ValueError(f"min {self.minimum} is above max {self.maximum}")
+        return self
+
+
+class TrainingSpec(Strict):
+    framework: Literal["xgboost", "sklearn"] = "xgboost"
+    model: Literal["gradient_boosting", "random_forest", "logistic_regression"] = Field(
+        "gradient_boosting", description="Estimator for framework sklearn (ignored for xgboost)."
+    )
+    hyperparameters: dict[Annotated[str, Field(pattern=COLUMN_RE)], HyperValue] = Field(default_factory=dict)
+    tunable: dict[Annotated[str, Field(pattern=COLUMN_RE)], Tunable] = Field(
+        default_factory=dict, description="Hyperparameters a person may override in the trigger form, with bounds."
+    )
+    resources: Resources = Field(default_factory=Resources)
+    holdout_fraction: float = Field(0.2, gt=0.0, lt=0.9)
+    timeout: str = Field("2h")
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, v: str) -> str:
+        duration_seconds(v)
+        return v
+
+
+class EvaluationSpec(Strict):
+    metric: Literal["roc_auc", "accuracy", "f1", "log_loss"] = "roc_auc"
+    minimum: float = Field(0.6, description="The challenger must reach this on the held-out split.")
+    margin_over_champion: float = Field(
+        0.0, ge=-1.0, le=1.0, description="...and beat the current champion by at least this much."
+    )
+
+
+class Gates(Strict):
+    max_error_rate: float = Field(0.01, ge=0.0, le=1.0)
+    max_p99_latency_ms: float = Field(250.0, gt=0.0)
+    min_requests: int = Field(20, ge=1)
+
+
+class DeploymentSpec(Strict):
+    target: Literal["gateway", "kserve"] = "gateway"
+    canary_traffic: float = Field(0.2, gt=0.0, le=1.0, description="Share of traffic the challenger gets while baking.")
+    bake_time: str = Field("20s", description="How long the canary bakes before its gates are checked.")
+    gates: Gates = Field(default_factory=Gates)
+    auto_rollback: bool = True
+
+    @field_validator("bake_time")
+    @classmethod
+    def _bake(cls, v: str) -> str:
+        if duration_seconds(v) > 24 * 3600:
+            raise ValueError("bake_time above 24h")
+        return v
+
+
+class MonitoringSpec(Strict):
+    schedule: str | None = Field("@daily", description="When the drift monitor runs on its own.")
+    drift_threshold: float = Field(0.3, gt=0.0, le=1.0, description="Share of drifted columns that counts as drift.")
+    retrain_on_drift: bool = True
+
+
+class PipelineBody(Strict):
+    template: str = Field("standard-v1", pattern=r"^[a-z][a-z0-9-]*-v[0-9]+$")
+    schedule: str | None = Field(None, description="Cron expression or preset (@daily, @weekly); null for none.")
+    data: DataSpec
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    features: FeaturesSpec = Field(default_factory=FeaturesSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    deployment: DeploymentSpec = Field(default_factory=DeploymentSpec)
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+
+
+class PipelineSpec(Strict):
+    api_version: Literal["mlplatform.io/v1"] = Field(alias="apiVersion")
+    kind: Literal["Pipeline"]
+    metadata: Metadata
+    spec: PipelineBody
+
+    @property
+    def dag_id(self) -> str:
+        return dag_id_for(self.metadata.tenant, self.metadata.name)
+
+    @property
+    def model_name(self) -> str:
+        return f"{self.metadata.tenant}.{self.metadata.name}"
+
+    def feature_columns(self, available: list[str]) -> list[str]:
+        """Feature columns: declared ones, else every column but entity, timestamp and label."""
+        d = self.spec.data
+        if d.features:
+            return list(d.features)
+        return [c for c in available if c not in {d.entity, d.timestamp, d.label}]
+
+
+def dag_id_for(tenant: str, pipeline: str) -> str:
+    return f"{tenant}__{pipeline}"
+
+
+# ------------------------------------------------------------------------------------------------ tenant
+
+
+class Quotas(Strict):
+    gpu_slots: int = Field(ge=0, le=1024, description="GPUs the tenant's tasks may hold at once (Airflow pool + ResourceQuota).")
+    cpu_slots: int = Field(ge=1, le=10_000, description="Non-GPU tasks the tenant may run at once.")
+    max_active_runs: int = Field(1, ge=1, le=100, description="Per pipeline DAG.")
+    max_cpu_per_task: str | float = "8"
+    max_memory_per_task: str = "32Gi"
+
+    @field_validator("max_cpu_per_task")
+    @classmethod
+    def _cpu(cls, v: Any) -> Any:
+        cpu_cores(v)
+        return v
+
+    @field_validator("max_memory_per_task")
+    @classmethod
+    def _mem(cls, v: str) -> str:
+        memory_bytes(v)
+        return v
+
+
+class TenantData(Strict):
+    allowed_prefixes: list[str] = Field(min_length=1, description="Data root paths or s3:// prefixes the tenant may read.")
+
+
+class TenantBody(Strict):
+    owner: str = Field(max_length=120)
+    namespace: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    service_account: str = Field("mlplatform-trainer", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    tier: Literal["standard", "priority"] = "standard"
+    quotas: Quotas
+    data: TenantData
+    connections: list[str] = Field(default_factory=list, description="Airflow connection ids the tenant's specs may name.")
+
+
+class TenantMetadata(Strict):
+    name: Name
+
+
+class TenantFile(Strict):
+    api_version: Literal["mlplatform.io/v1"] = Field(alias="apiVersion")
+    kind: Literal["Tenant"]
+    metadata: TenantMetadata
+    spec: TenantBody
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def gpu_pool(self) -> str:
+        return f"{self.name}__gpu"
+
+    @property
+    def cpu_pool(self) -> str:
+        return f"{self.name}__cpu"

@@ -1,0 +1,151 @@
+"""Safe YAML for specs: plain data only, with the line of every value kept for error messages.
+
+Specs are untrusted input. This loader accepts one document of maps, lists and plain scalars, and refuses
+tags (``!!python/...`` and friends), anchors and aliases (billion-laughs bombs), duplicate keys,
+non-string keys, deep nesting and large files, each with the file and line to fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlplatform.spec.errors import Problem, SpecError
+
+MAX_BYTES = 256 * 1024
+MAX_DEPTH = 20
+MAX_NODES = 20_000
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_PLAIN_TAGS = {
+    "tag:yaml.org,2002:str",
+    "tag:yaml.org,2002:int",
+    "tag:yaml.org,2002:float",
+    "tag:yaml.org,2002:bool",
+    "tag:yaml.org,2002:null",
+    "tag:yaml.org,2002:timestamp",
+    "tag:yaml.org,2002:map",
+    "tag:yaml.org,2002:seq",
+}
+
+Path_ = tuple[Any, ...]
+
+
+class Located:
+    """A loaded document plus the (line, col) of every key path in it, 1-based."""
+
+    def __init__(self, file: str, data: Any, marks: dict[Path_, tuple[int, int]]):
+        self.file = file
+        self.data = data
+        self.marks = marks
+
+    def where(self, path: Path_) -> tuple[int, int]:
+        """Position of ``path``, or of its nearest existing parent when the key is missing."""
+        path = tuple(path)
+        while path:
+            if path in self.marks:
+                return self.marks[path]
+            path = path[:-1]
+        return self.marks.get((), (1, 1))
+
+    def problem(self, path: Path_, message: str, field: str | None = None) -> Problem:
+        line, col = self.where(path)
+        return Problem(self.file, line, col, field if field is not None else dotted(path), message)
+
+
+def dotted(path: Path_) -> str:
+    """``("spec", "gates", 0, "name")`` -> ``spec.gates[0].name``."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def load_text(text: str, file: str) -> Located:
+    """Parse ``text`` (the contents of ``file``) into plain data with positions."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
+        raise SpecError([Problem(file, 1, 1, "", f"file is larger than {MAX_BYTES // 1024} KiB; "
+                                 "a pipeline spec is a few dozen lines: move data out of the spec")])
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        msg = " ".join(str(x) for x in (exc.context, exc.problem) if x)
+        raise SpecError([Problem(file, line, col, "", f"invalid YAML: {msg}")]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError([Problem(file, 1, 1, "", f"invalid YAML: {exc}")]) from None
+    if root is None:
+        raise SpecError([Problem(file, 1, 1, "", "file is empty")])
+    builder = _Builder(file)
+    data = builder.build(root, (), 0)
+    return Located(file, data, builder.marks)
+
+
+def load_file(path: Path, display: str | None = None) -> Located:
+    """Read and parse a spec or tenant file; ``display`` is the name used in messages."""
+    name = display or str(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise SpecError([Problem(name, 1, 1, "", f"file is {size // 1024} KiB, larger than "
+                                     f"{MAX_BYTES // 1024} KiB; a pipeline spec is a few dozen lines")])
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SpecError([Problem(name, 1, 1, "", f"cannot read file: {exc.strerror}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError([Problem(name, 1, 1, "", f"file is not UTF-8 text (byte {exc.start})")]) from None
+    return load_text(text, name)
+
+
+class _Builder:
+    """Turns a composed node tree into dicts, lists and scalars, refusing what specs may not hold."""
+
+    def __init__(self, file: str):
+        self.file = file
+        self.marks: dict[Path_, tuple[int, int]] = {}
+        self.seen: set[int] = set()
+        self.count = 0
+        self.scalars = yaml.constructor.SafeConstructor()
+
+    def fail(self, node: yaml.Node, message: str, path: Path_ = ()) -> SpecError:
+        m = node.start_mark
+        return SpecError([Problem(self.file, m.line + 1, m.column + 1, dotted(path), message)])
+
+    def build(self, node: yaml.Node, path: Path_, depth: int) -> Any:
+        self.count += 1
+        if self.count > MAX_NODES:
+            raise self.fail(node, f"document has more than {MAX_NODES} values", path)
+        if depth > MAX_DEPTH:
+            raise self.fail(node, f"nesting deeper than {MAX_DEPTH} levels", path)
+        if id(node) in self.seen:
+            raise self.fail(node, "YAML anchors and aliases are not allowed in specs: write the value out", path)
+        self.seen.add(id(node))
+        if node.tag not in _PLAIN_TAGS:
+            raise self.fail(node, f"YAML tag {node.tag!r} is not allowed: specs hold plain data only", path)
+        self.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise self.fail(key_node, "YAML merge keys (<<) are not allowed in specs", path)
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
+                    raise self.fail(key_node, "mapping keys must be plain strings", path)
+                key = key_node.value
+                if key in out:
+                    raise self.fail(key_node, f"duplicate key {key!r}", path + (key,))
+                self.marks[path + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+                out[key] = self.build(value_node, path + (key,), depth + 1)
+                # Keep the key's own position: errors about a value point at its key's line.
+                self.marks[path + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, path + (i,), depth + 1) for i, item in enumerate(node.value)]
+        value = self.scalars.construct_object(node)
+        if node.tag == "tag:yaml.org,2002:timestamp":
+            return str(node.value)
+        return value
