@@ -1,4 +1,4 @@
-"""``mlplatform`` command line: lint, render, sync-pools, schema, data, demo."""
+"""``mlplatform`` command line: lint, render, k8s, sync-pools, schema, data, demo, ui."""
 
 from __future__ import annotations
 
@@ -142,6 +142,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.dag_id, timeout=args.timeout)
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """``airflow standalone`` on the demo's Airflow home, so the demo's runs show in the UI."""
+    import os
+    import subprocess
+
+    from mlplatform.local_airflow import BIN, airflow, airflow_env
+
+    env = airflow_env(REPO_ROOT / ".airflow", args.port)
+    airflow(env, "db", "migrate")
+    subprocess.run([str(BIN / "mlplatform"), "sync-pools"], env=env, check=True)
+    print(f"Airflow UI: http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
+    os.execve(str(BIN / "airflow"), [str(BIN / "airflow"), "standalone"], env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlplatform", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dag_id", nargs="?", default="acme__churn-xgb")
     p.add_argument("--timeout", type=int, default=900)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("ui", help="start the Airflow UI (airflow standalone) on the demo's Airflow home")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_ui)
     return parser
 
 

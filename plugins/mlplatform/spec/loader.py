@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from mlplatform.config import PlatformConfig
+from mlplatform.config import REPO_ROOT, PlatformConfig
 from mlplatform.spec.errors import Problem, SpecError
 from mlplatform.spec.model import (
     NAME_RE,
@@ -181,11 +181,11 @@ def load_templates(config: PlatformConfig, catalog: Catalog) -> None:
 
 
 def _display(path: Path, config: PlatformConfig) -> str:
-    for root in (config.specs_dir.parent.parent, config.specs_dir.parent):
-        try:
-            return str(path.resolve().relative_to(root.resolve()))
-        except ValueError:
-            continue
+    """The name errors use: relative to the repo when inside it, else to the folder above the specs."""
+    resolved = path.resolve()
+    for root in (REPO_ROOT, config.specs_dir.parent):
+        if resolved.is_relative_to(root.resolve()):
+            return str(resolved.relative_to(root.resolve()))
     return str(path)
 
 
@@ -320,7 +320,7 @@ def check_data_source(source: str, tenant: TenantFile) -> str | None:
         prefix_n = normalise_source(prefix.rstrip("/")) or ""
         if normalised == prefix_n or normalised.startswith(prefix_n + "/"):
             return None
-    return (f"{source!r} is outside tenant {tenant.name!r}'s allowed data prefixes "
+    return (f"{source!r} is outside the allowed data prefixes of tenant {tenant.name!r} "
             f"({', '.join(tenant.spec.data.allowed_prefixes)})")
 
 

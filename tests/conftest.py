@@ -1,0 +1,43 @@
+"""Shared fixtures. Tests never reach any address but loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+@pytest.fixture
+def platform(tmp_path, monkeypatch):
+    """A PlatformConfig on a private home and specs folder, with the repo's tenants and templates."""
+    from mlplatform.config import get_config, load_config
+
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    monkeypatch.setenv("MLPLATFORM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLPLATFORM_SPECS_DIR", str(specs))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    get_config.cache_clear()
+    yield load_config()
+    get_config.cache_clear()
+
+
+def write_spec(specs_dir: Path, tenant: str, name: str, text: str) -> Path:
+    folder = specs_dir / tenant
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def copy_example_specs(specs_dir: Path) -> None:
+    shutil.copytree(REPO / "dags" / "specs", specs_dir, dirs_exist_ok=True)
