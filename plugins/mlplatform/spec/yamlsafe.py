@@ -145,7 +145,7 @@ class _Builder:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, path + (i,), depth + 1) for i, item in enumerate(node.value)]
-        value = self.scalars.construct_object(node)
-        if node.tag == "tag:yaml.org,2002:timestamp":
-            return str(node.value)
-        return value
+        if node.tag in ("tag:yaml.org,2002:str", "tag:yaml.org,2002:timestamp"):
+            return node.value
+        # The resolver already picked the tag; call its constructor directly (no bookkeeping per value).
+        return self.scalars.yaml_constructors[node.tag](self.scalars, node)
