@@ -1,0 +1,1 @@
+"""Model serving: the embedded gateway that serves registered models over HTTP (champion + canary)."""

@@ -1,0 +1,382 @@
+"""Embedded model gateway: FastAPI serving each model's champion and challenger with a traffic split.
+
+``create_app`` builds the app; ``GatewayServer`` runs it with uvicorn in a background thread on
+127.0.0.1 and an ephemeral port. Models are loaded from the MLflow registry by version and cached;
+``Gateway.set_route`` swaps versions while serving. Never imported by DAG parsing (mlflow and pandas
+are still imported lazily, so the app starts fast and loads models in the background).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TextIO
+
+import uvicorn
+from fastapi import FastAPI, Header, HTTPException
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, Field, model_validator
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+LATENCY_WINDOW = 100_000  # latencies kept per variant for percentiles
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+Predictor = Callable[[list[dict[str, Any]]], list[Any]]
+Version = str | int
+
+
+@dataclass(frozen=True)
+class Route:
+    """One model's versions: the champion, and optionally a challenger taking ``share`` of the traffic."""
+
+    champion: str
+    challenger: str | None = None
+    share: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.share <= 1.0:
+            raise ValueError(f"challenger share {self.share} is outside 0..1")
+
+    def versions(self) -> dict[str, str]:
+        """Variant -> model version."""
+        if self.challenger is None:
+            return {CHAMPION: self.champion}
+        return {CHAMPION: self.champion, CHALLENGER: self.challenger}
+
+    def choose(self, rng: random.Random, routing_key: str | None = None) -> str:
+        """Weighted random variant, or sticky by a hash of ``routing_key`` when given."""
+        if self.challenger is None or self.share <= 0.0:
+            return CHAMPION
+        if routing_key is None:
+            draw = rng.random()
+        else:
+            draw = int.from_bytes(hashlib.sha256(routing_key.encode()).digest()[:8], "big") / 2**64
+        return CHALLENGER if draw < self.share else CHAMPION
+
+
+@dataclass
+class RoutingTable:
+    """Routes per registered model name (``<tenant>.<pipeline>``)."""
+
+    routes: dict[str, Route] = field(default_factory=dict)
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile of an already sorted list (None when empty)."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(len(sorted_values) * q / 100))
+    return sorted_values[rank - 1]
+
+
+@dataclass
+class VariantStats:
+    """In-memory counters of one (model, variant, version), read by the deploy stage's gates."""
+
+    requests: int = 0
+    errors: int = 0
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies_ms)
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "error_rate": self.errors / self.requests if self.requests else 0.0,
+            "p50_ms": percentile(lat, 50),
+            "p99_ms": percentile(lat, 99),
+        }
+
+
+class PredictRequest(BaseModel):
+    """``{"instances": [{feature: value}, ...]}`` or a single ``{"inputs": {feature: value}}``."""
+
+    instances: list[dict[str, Any]] | None = Field(None, min_length=1)
+    inputs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> PredictRequest:
+        if (self.instances is None) == (self.inputs is None):
+            raise ValueError("give either instances (a list of rows) or inputs (one row)")
+        return self
+
+    def rows(self) -> list[dict[str, Any]]:
+        return self.instances if self.instances is not None else [self.inputs]
+
+
+def load_predictor(tracking_uri: str, name: str, version: str) -> Predictor:
+    """Load one registered model version: P(label=1) via the native flavor when it has predict_proba."""
+    import mlflow
+    from mlflow.models import Model
+
+    # Resolve the location through a client: download_artifacts("models:/...") ignores its registry_uri
+    # argument and asks the process-wide registry.
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    location = client.get_model_version_download_uri(name, version)
+    path = mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=tracking_uri)
+    flavors = Model.load(path).flavors
+    native = None
+    if "sklearn" in flavors:
+        native = mlflow.sklearn.load_model(path)
+    elif "xgboost" in flavors:
+        native = mlflow.xgboost.load_model(path)
+    if native is not None and hasattr(native, "predict_proba"):
+        return _proba_predictor(native)
+    return _pyfunc_predictor(mlflow.pyfunc.load_model(path))
+
+
+def _proba_predictor(model: Any) -> Predictor:
+    import pandas as pd
+
+    names = getattr(model, "feature_names_in_", None)
+    columns = None if names is None else [str(c) for c in names]
+
+    def predict(rows: list[dict[str, Any]]) -> list[Any]:
+        frame = pd.DataFrame.from_records(rows, columns=columns)
+        return model.predict_proba(frame)[:, 1].tolist()
+
+    return predict
+
+
+def _pyfunc_predictor(model: Any) -> Predictor:
+    import numpy as np
+    import pandas as pd
+
+    def predict(rows: list[dict[str, Any]]) -> list[Any]:
+        out = model.predict(pd.DataFrame.from_records(rows))
+        return np.asarray(out.to_numpy() if hasattr(out, "to_numpy") else out).tolist()
+
+    return predict
+
+
+class Gateway:
+    """Routes, model cache, stats, Prometheus metrics and the prediction log behind one app."""
+
+    def __init__(self, tracking_uri: str, routes: RoutingTable, log_dir: Path, seed: int = 0):
+        self.tracking_uri = tracking_uri
+        self.routes: dict[str, Route] = dict(routes.routes)
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.rng = random.Random(seed)
+        self.load_error: str | None = None
+        self._models: dict[tuple[str, str], Predictor] = {}
+        self._stats: dict[tuple[str, str, str], VariantStats] = {}
+        self._logs: dict[str, TextIO] = {}
+        self._lock = threading.Lock()
+        self.registry = CollectorRegistry()
+        labels = ("tenant", "pipeline", "variant")
+        self._requests = Counter("mlplatform_gateway_requests", "Prediction requests.", labels, registry=self.registry)
+        self._errors = Counter("mlplatform_gateway_errors", "Failed predictions.", labels, registry=self.registry)
+        self._latency = Histogram(
+            "mlplatform_gateway_latency_seconds", "Prediction latency.", labels,
+            registry=self.registry, buckets=LATENCY_BUCKETS,
+        )
+
+    def _ensure_loaded(self, name: str, route: Route) -> None:
+        for version in route.versions().values():
+            if (name, version) not in self._models:
+                self._models[(name, version)] = load_predictor(self.tracking_uri, name, version)
+
+    def load_all(self) -> None:
+        """Load every routed version (run in the background at startup; failures show in /readyz)."""
+        try:
+            for name, route in list(self.routes.items()):
+                self._ensure_loaded(name, route)
+        except Exception as exc:  # noqa: BLE001 - reported by /readyz and GatewayServer
+            log.exception("gateway could not load its models")
+            self.load_error = f"{type(exc).__name__}: {exc}"
+
+    def missing(self) -> list[str]:
+        """Routed ``name/version`` pairs not loaded yet."""
+        with self._lock:
+            routed = [(n, v) for n, r in self.routes.items() for v in r.versions().values()]
+        return [f"{n}/{v}" for n, v in routed if (n, v) not in self._models]
+
+    def ready(self) -> bool:
+        return self.load_error is None and not self.missing()
+
+    def set_route(self, name: str, champion: Version, challenger: Version | None = None, share: float = 0.0) -> None:
+        """Hot reload: load the new versions first, then swap the route and drop unused models."""
+        route = Route(str(champion), None if challenger is None else str(challenger), share)
+        self._ensure_loaded(name, route)
+        with self._lock:
+            self.routes[name] = route
+            used = {(n, v) for n, r in self.routes.items() for v in r.versions().values()}
+            for key in [k for k in self._models if k not in used]:
+                del self._models[key]
+
+    def pick(self, name: str, routing_key: str | None) -> tuple[str, str, Predictor]:
+        """Variant, version and predictor for one request."""
+        with self._lock:
+            route = self.routes.get(name)
+            if route is None:
+                raise HTTPException(404, f"no model {name!r} is served here")
+            variant = route.choose(self.rng, routing_key)
+            version = route.versions()[variant]
+            predictor = self._models.get((name, version))
+        if predictor is None:
+            raise HTTPException(503, f"model {name} version {version} is still loading")
+        return variant, version, predictor
+
+    def record(self, name: str, variant: str, version: str, entry: dict[str, Any]) -> None:
+        """Count one request in stats and metrics and append it to the model's prediction log."""
+        tenant, _, pipeline = name.partition(".")
+        labels = (tenant, pipeline, variant)
+        failed = entry["status"] != "ok"
+        self._requests.labels(*labels).inc()
+        self._latency.labels(*labels).observe(entry["latency_ms"] / 1000)
+        if failed:
+            self._errors.labels(*labels).inc()
+        line = json.dumps(entry) + "\n"
+        with self._lock:
+            stats = self._stats.setdefault((name, variant, version), VariantStats())
+            stats.requests += 1
+            stats.errors += failed
+            stats.latencies_ms.append(entry["latency_ms"])
+            self._log_file(name).write(line)
+
+    def _log_file(self, name: str) -> TextIO:
+        if name not in self._logs:
+            self._logs[name] = (self.log_dir / f"{name}.jsonl").open("a", buffering=1, encoding="utf-8")
+        return self._logs[name]
+
+    def stats(self, name: str) -> dict[str, dict[str, Any]]:
+        """Variant -> stats summary for the versions currently routed for ``name``."""
+        with self._lock:
+            route = self.routes[name]
+            return {
+                variant: self._stats.get((name, variant, version), VariantStats()).summary() | {"version": version}
+                for variant, version in route.versions().items()
+            }
+
+    def close(self) -> None:
+        with self._lock:
+            for handle in self._logs.values():
+                handle.close()
+            self._logs.clear()
+
+
+def create_app(tracking_uri: str, routes: RoutingTable, log_dir: str | Path, seed: int = 0) -> FastAPI:
+    """The gateway app; its ``Gateway`` is ``app.state.gateway``. Prediction logs go to ``log_dir``."""
+    gateway = Gateway(tracking_uri, routes, Path(log_dir), seed)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        threading.Thread(target=gateway.load_all, name="gateway-loader", daemon=True).start()
+        yield
+        gateway.close()
+
+    app = FastAPI(title="mlplatform gateway", lifespan=lifespan)
+    app.state.gateway = gateway
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        body = {"ready": gateway.ready(), "missing": gateway.missing(), "error": gateway.load_error}
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(gateway.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/models/{tenant}/{pipeline}:predict")
+    def predict(
+        tenant: str, pipeline: str, body: PredictRequest, x_routing_key: str | None = Header(None)
+    ) -> JSONResponse:
+        name = f"{tenant}.{pipeline}"
+        variant, version, predictor = gateway.pick(name, x_routing_key)
+        rows = body.rows()
+        request_id = uuid.uuid4().hex
+        started = time.perf_counter()
+        try:
+            predictions, error = predictor(rows), None
+        except Exception as exc:  # noqa: BLE001 - a failing model is a 500 for this request only
+            predictions, error = None, f"{type(exc).__name__}: {exc}"
+        latency_ms = (time.perf_counter() - started) * 1000
+        gateway.record(name, variant, version, {
+            "request_id": request_id, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "variant": variant, "model_version": version, "n_instances": len(rows),
+            "latency_ms": round(latency_ms, 3), "status": "ok" if error is None else "error",
+        })
+        head = {"variant": variant, "model_version": version, "request_id": request_id}
+        if error is not None:
+            return JSONResponse({"error": error, **head}, status_code=500)
+        return JSONResponse({"predictions": predictions, **head})
+
+    return app
+
+
+class GatewayServer:
+    """Context manager running a gateway app with uvicorn in a thread on 127.0.0.1 and a free port."""
+
+    def __init__(self, app: FastAPI, startup_timeout: float = 120.0):
+        self.app = app
+        self.gateway: Gateway = app.state.gateway
+        self.startup_timeout = startup_timeout
+        self.port: int | None = None
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def set_route(self, name: str, champion: Version, challenger: Version | None = None, share: float = 0.0) -> None:
+        """Hot reload (see ``Gateway.set_route``)."""
+        self.gateway.set_route(name, champion, challenger, share)
+
+    def __enter__(self) -> GatewayServer:
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=0, log_config=None, access_log=False, timeout_graceful_shutdown=5
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="gateway-server", daemon=True)
+        self._thread.start()
+        try:
+            self._wait_started(time.monotonic() + self.startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_started(self, deadline: float) -> None:
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("gateway server exited during startup")
+            self._check_deadline(deadline, "start")
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        while not self.gateway.ready():
+            if self.gateway.load_error:
+                raise RuntimeError(f"gateway could not load its models: {self.gateway.load_error}")
+            self._check_deadline(deadline, "load its models")
+
+    def _check_deadline(self, deadline: float, what: str) -> None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gateway did not {what} within {self.startup_timeout:.0f}s")
+        time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
