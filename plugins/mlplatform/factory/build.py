@@ -93,6 +93,8 @@ def build_dag(loaded: LoadedSpec, catalog: Catalog, config: PlatformConfig) -> D
             kwargs["execution_timeout"] = timedelta(seconds=duration_seconds(body.training.timeout))
             if gpu > 0:
                 kwargs.update(pool=tenant.gpu_pool, pool_slots=gpu)
+        if node.name == "register":
+            kwargs["promote"] = not template.has("canary_deploy")
         if node.name == "drift_monitor":
             kwargs["drift_asset"] = drift_asset(md.tenant, md.name)
         task = STAGE_OPERATORS[node.name](**kwargs)

@@ -95,6 +95,10 @@ class RegisterOperator(StageOperator):
     stage = "register"
     upstream_stages = ("train", "evaluate", "features")
 
+    def __init__(self, *, promote: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.promote = promote  # templates without a canary stage promote right after registering
+
     def run(self, ctx, upstream, context):
         evaluation = upstream["evaluate"]
         if evaluation["decision"] != "accepted":
@@ -105,6 +109,11 @@ class RegisterOperator(StageOperator):
         result = register_model(ctx, upstream["train"], evaluation, lineage)
         log.info("%s version %s (%s)", result["model_name"], result["version"],
                  "created" if result["created"] else "already registered by an earlier try")
+        if self.promote:
+            from mlplatform.stages.deploy import promote_without_canary
+
+            result["promotion"] = promote_without_canary(ctx, result)
+            log.info("no canary in this template: version %s is now champion", result["version"])
         return result
 
 

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mlplatform.spec.model import Gates, duration_seconds
+from mlplatform.stages import registry
 from mlplatform.stages.context import RunContext
 
 REPLAY_THREADS = 4
@@ -29,22 +30,35 @@ def canary_deploy(ctx: RunContext, registered: dict, features: dict) -> dict:
 
     ``previous_version`` is the ``previous`` alias after the decision (the replaced champion on promotion).
     """
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=ctx.config.tracking_uri, registry_uri=ctx.config.tracking_uri)
+    client = registry.client(ctx)
     name, version = registered["model_name"], str(registered["version"])
     aliases = _aliases(client, name)
     champion = aliases.get("champion")
     if champion == version:
         result = _already_promoted(client, name, version, aliases)
     elif champion is None or ctx.params.get("skip_canary"):
-        decision = "promoted_first" if champion is None else "promoted_skip_canary"
-        result = _result(decision, version, champion, version)
-        _record(ctx, client, name, version, result)
-        _promote(client, name, version, champion)
+        result = _promote_now(ctx, client, name, version, champion,
+                              "promoted_first" if champion is None else "promoted_skip_canary")
     else:
         result = _run_canary(ctx, client, name, version, champion, features)
     (ctx.artifact_dir / "canary.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def promote_without_canary(ctx: RunContext, registered: dict) -> dict:
+    """For templates with no online canary (batch scoring): the registered version becomes champion."""
+    client = registry.client(ctx)
+    name, version = registered["model_name"], str(registered["version"])
+    aliases = _aliases(client, name)
+    if aliases.get("champion") == version:
+        return _already_promoted(client, name, version, aliases)
+    return _promote_now(ctx, client, name, version, aliases.get("champion"), "promoted_batch")
+
+
+def _promote_now(ctx: RunContext, client: Any, name: str, version: str, champion: str | None, decision: str) -> dict:
+    result = _result(decision, version, champion, version)
+    _record(ctx, client, name, version, result)
+    _promote(client, name, version, champion)
     return result
 
 

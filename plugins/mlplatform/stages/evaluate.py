@@ -1,0 +1,115 @@
+"""Evaluate stage: score the candidate and the current champion on the holdout, then gate the candidate.
+
+The gate, with ``evaluation.metric``, ``minimum`` and ``margin_over_champion`` from the spec:
+
+* roc_auc, accuracy, f1 (higher is better): value >= minimum, and value >= champion + margin;
+* log_loss (lower is better): ``minimum`` is the highest acceptable loss: value <= minimum, and
+  value <= champion - margin.
+
+Without a champion (or one that needs columns the holdout lacks) only the minimum applies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mlplatform.stages import registry
+from mlplatform.stages.context import RunContext, StageFailed
+
+HIGHER_IS_BETTER = {"roc_auc": True, "accuracy": True, "f1": True, "log_loss": False}
+CHAMPION = "champion"
+_EPSILON = 1e-12
+
+
+def evaluate_model(ctx: RunContext, train_result: dict, features: dict) -> dict[str, Any]:
+    """Accept or reject the trained candidate; logs eval_<metric> (and champion_<metric>) to its run."""
+    import pandas as pd
+
+    ev = ctx.spec.spec.evaluation
+    registry.use_tracking(ctx.config)
+    holdout = pd.read_parquet(features["holdout_path"])
+    model, _ = load_classifier(train_result["model_uri"])
+    value = score(model, holdout, list(features["feature_columns"]), ctx.spec.spec.data.label, ev.metric)
+
+    client = registry.client(ctx)
+    champion_version = registry.get_alias_version(client, ctx.spec.model_name, CHAMPION)
+    champion_value, note = None, ""
+    if champion_version is not None:
+        champion_value, note = score_champion(ctx, champion_version, holdout)
+    accepted, reason = gate(ev.metric, value, ev.minimum, ev.margin_over_champion, champion_value, champion_version)
+
+    run_id = train_result["run_id"]
+    client.log_metric(run_id, f"eval_{ev.metric}", value)
+    if champion_value is not None:
+        client.log_metric(run_id, f"champion_{ev.metric}", champion_value)
+    client.set_tag(run_id, "mlplatform.evaluation", "accepted" if accepted else "rejected")
+    return {
+        "decision": "accepted" if accepted else "rejected",
+        "reason": reason + note,
+        "metric": ev.metric,
+        "value": value,
+        "minimum": ev.minimum,
+        "champion_version": champion_version,
+        "champion_value": champion_value,
+    }
+
+
+def load_classifier(model_uri: str):
+    """(native model with predict_proba, its signature's input columns or None) for a logged model."""
+    import mlflow
+
+    info = mlflow.models.get_model_info(model_uri)
+    columns = info.signature.inputs.input_names() if info.signature else None
+    if "xgboost" in info.flavors:
+        return mlflow.xgboost.load_model(model_uri), columns
+    if "sklearn" in info.flavors:
+        return mlflow.sklearn.load_model(model_uri), columns
+    raise StageFailed(f"{model_uri} has neither an xgboost nor a sklearn flavor: {sorted(info.flavors)}")
+
+
+def score(model, holdout, columns: list[str], label: str, metric: str) -> float:
+    """The metric of the model on the holdout (probabilities for roc_auc/log_loss, 0.5 cut for labels)."""
+    from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
+
+    y = holdout[label].astype("int64")
+    proba = model.predict_proba(holdout[columns].astype("float64"))[:, 1]
+    if metric == "roc_auc":
+        if y.nunique() < 2:
+            raise StageFailed(f"roc_auc needs both classes in the holdout; {label!r} has only {y.iloc[0]}")
+        return float(roc_auc_score(y, proba))
+    if metric == "log_loss":
+        return float(log_loss(y, proba, labels=[0, 1]))
+    pred = (proba >= 0.5).astype("int64")
+    return float(accuracy_score(y, pred) if metric == "accuracy" else f1_score(y, pred, zero_division=0))
+
+
+def score_champion(ctx: RunContext, version: str, holdout) -> tuple[float | None, str]:
+    """(champion's metric on the holdout or None, note for the reason) using the champion's own columns."""
+    model, columns = load_classifier(f"models:/{ctx.spec.model_name}/{version}")
+    columns = columns or ctx.spec.feature_columns(list(holdout.columns))
+    missing = [c for c in columns if c not in holdout.columns]
+    if missing:
+        return None, f" (champion v{version} not compared: it needs column(s) {', '.join(missing)})"
+    return score(model, holdout, columns, ctx.spec.spec.data.label, ctx.spec.spec.evaluation.metric), ""
+
+
+def gate(
+    metric: str,
+    value: float,
+    minimum: float,
+    margin: float,
+    champion_value: float | None = None,
+    champion_version: str | None = None,
+) -> tuple[bool, str]:
+    """(accepted, reason) following the rule in the module docstring."""
+    higher = HIGHER_IS_BETTER[metric]
+    if (value < minimum - _EPSILON) if higher else (value > minimum + _EPSILON):
+        bound = "below the minimum" if higher else "above the maximum"
+        return False, f"{metric} {value:.4f} is {bound} {minimum:g}"
+    if champion_value is None:
+        return True, f"{metric} {value:.4f} meets the minimum {minimum:g}; no champion to compare with"
+    gain = value - champion_value if higher else champion_value - value
+    versus = f"champion v{champion_version} ({champion_value:.4f})"
+    if gain < margin - _EPSILON:
+        return False, f"{metric} {value:.4f} does not beat {versus} by the margin {margin:g} (improvement {gain:+.4f})"
+    return True, f"{metric} {value:.4f} beats {versus} by {gain:+.4f} (margin {margin:g})"

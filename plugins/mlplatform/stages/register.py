@@ -1,0 +1,92 @@
+"""Register stage: the accepted candidate becomes a version of ``<tenant>.<pipeline>`` aliased challenger.
+
+Idempotent per DAG run: the version gets its ``mlplatform.run_key`` tag (with all the others) in the
+same call that creates it, so a retry always finds it, re-applies the tags and the alias, and never
+creates a second version.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mlplatform.stages import registry
+from mlplatform.stages.context import RunContext, StageFailed
+
+CHALLENGER = "challenger"
+RUN_KEY_TAG = "mlplatform.run_key"
+
+
+def register_model(ctx: RunContext, train_result: dict, evaluation: dict, lineage: dict) -> dict[str, Any]:
+    """Register (or find) this run's model version, tag it and point the challenger alias at it."""
+    if evaluation.get("decision") != "accepted":
+        raise StageFailed(f"the candidate was rejected and is not registered: {evaluation.get('reason')}")
+    import mlflow
+
+    name = ctx.spec.model_name
+    key = f"{ctx.dag_id}/{ctx.run_id}"
+    tags = version_tags(ctx, train_result, evaluation, lineage)
+    client = registry.client(ctx)
+    version = find_version(client, name, key)
+    created = version is None
+    if created:
+        registry.use_tracking(ctx.config)
+        version = str(mlflow.register_model(train_result["model_uri"], name, tags=tags).version)
+    else:
+        for tag, value in tags.items():
+            client.set_model_version_tag(name, version, tag, value)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    return {
+        "model_name": name,
+        "version": version,
+        "created": created,
+        "alias": CHALLENGER,
+        "model_uri": f"models:/{name}/{version}",
+    }
+
+
+def version_tags(ctx: RunContext, train_result: dict, evaluation: dict, lineage: dict) -> dict[str, str]:
+    """Tags of the model version: run identity, spec, data, code, evaluation and lineage."""
+    tags = {
+        RUN_KEY_TAG: f"{ctx.dag_id}/{ctx.run_id}",
+        "mlplatform.spec_sha256": ctx.spec_sha256,
+        "mlplatform.dag_run_id": ctx.run_id,
+        "mlplatform.data_fingerprint": str(train_result.get("data_fingerprint", "unknown")),
+        "mlplatform.git_commit": ctx.config.git_commit or "unknown",
+        "mlplatform.tenant": ctx.spec.metadata.tenant,
+        "mlplatform.pipeline": ctx.spec.metadata.name,
+        "mlplatform.eval_metric": str(evaluation["metric"]),
+        "mlplatform.eval_value": repr(float(evaluation["value"])),
+    }
+    for key, value in lineage.items():
+        tags[f"mlplatform.lineage.{key}"] = value if isinstance(value, str) else json.dumps(value, default=str)
+    return tags
+
+
+def find_version(client, name: str, run_key: str) -> str | None:
+    """The version of ``name`` tagged with this run key, if any (lowest if several)."""
+    versions = _tagged_versions(client, name, run_key)
+    return min(versions, key=int) if versions else None
+
+
+def _tagged_versions(client, name: str, run_key: str) -> list[str]:
+    from mlflow.exceptions import MlflowException
+
+    if "'" not in run_key:
+        try:
+            found = client.search_model_versions(f"name = '{name}' AND tags.`{RUN_KEY_TAG}` = '{run_key}'")
+            return [str(mv.version) for mv in found]
+        except MlflowException as exc:  # a registry that cannot filter on tags
+            if exc.error_code != "INVALID_PARAMETER_VALUE":
+                raise
+    return [str(mv.version) for mv in _all_versions(client, name) if mv.tags.get(RUN_KEY_TAG) == run_key]
+
+
+def _all_versions(client, name: str):
+    token = None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
