@@ -123,3 +123,18 @@ def test_json_schemas_are_up_to_date():
         assert committed == schema_text(model), f"run `mlplatform schema` to refresh include/schema/{name}"
     schema = json.loads((REPO / "include" / "schema" / "pipeline-v1.schema.json").read_text())
     assert "apiVersion" in schema["properties"]
+
+
+def test_task_worker_parses_only_its_own_spec(platform, monkeypatch):
+    """With Airflow's parsing context set (as in a task worker), only that DAG's spec is read and built."""
+    from mlplatform.factory.loader import load_dags
+
+    copy_example_specs(platform.specs_dir)
+    write_spec(platform.specs_dir, "globex", "broken", "kind: [\n")
+    assert set(load_dags()) == {"acme__churn_xgb", "acme__churn_baseline", "globex__upsell", "globex__broken"}
+    monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "acme__churn-xgb")
+    assert set(load_dags()) == {"acme__churn_xgb"}
+    monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "globex__broken")
+    assert set(load_dags()) == {"globex__broken"}
+    monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "someone__elses_dag")
+    assert len(load_dags()) == 4

@@ -30,8 +30,8 @@ def run_demo(dag_id: str, timeout: int = 900) -> int:
         errors = api.import_errors()
         if errors:
             _say(f"import errors: {errors}")
-        run_id = api.trigger(dag_id)
-        _say(f"triggered {dag_id} run {run_id}")
+        run_id, run_type = api.start(dag_id)
+        _say(f"unpaused {dag_id}: following its {run_type} run {run_id}")
         seen: dict[str, str | None] = {}
 
         def tick(states: dict[str, str | None]) -> None:

@@ -152,10 +152,28 @@ class ApiClient:
         raise TimeoutError(f"DAG {dag_id} did not appear within {timeout}s")
 
     def trigger(self, dag_id: str, conf: dict | None = None) -> str:
+        """Unpause and start a manual run; returns its run id."""
         self.http.patch(f"/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
         r = self.http.post(f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}})
         r.raise_for_status()
         return r.json()["dag_run_id"]
+
+    def start(self, dag_id: str, wait_for_scheduled: float = 45) -> tuple[str, str]:
+        """Unpause a paused DAG and return (run id, run type) of its first run.
+
+        With catchup off, unpausing a cron DAG makes the scheduler run the latest cron slot at once; that
+        scheduled run is followed rather than racing it with a manual one. Other DAGs get a manual run.
+        """
+        dag = self.http.get(f"/dags/{dag_id}").json()
+        self.http.patch(f"/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
+        if dag.get("is_paused") and dag.get("next_dagrun_run_after"):  # time-based: the scheduler starts one
+            deadline = time.monotonic() + wait_for_scheduled
+            while time.monotonic() < deadline:
+                runs = self.http.get(f"/dags/{dag_id}/dagRuns").json().get("dag_runs", [])
+                if runs:
+                    return runs[0]["dag_run_id"], runs[0]["run_type"]
+                time.sleep(1)
+        return self.trigger(dag_id), "manual"
 
     def wait_for_run(self, dag_id: str, run_id: str, timeout: float, on_tick=None) -> dict:
         deadline = time.monotonic() + timeout
