@@ -110,14 +110,16 @@ def _asset_triggered_run(api, timeout=120):
 
 
 def test_pipeline_first_run_drift_retrain_then_trigger_form(airflow_stack):
-    """Run 1 promotes the first model and detects drift; the drift event starts run 2 (canary against the
+    """Run 1 (the cron schedule's) promotes the first model and detects drift; the drift event starts run 2 (canary against the
     champion, no second drift event); run 3 uses the trigger form (hyperparameter, skip canary)."""
     from mlflow import MlflowClient
 
     api, config = airflow_stack["api"], airflow_stack["config"]
     client = MlflowClient(config.tracking_uri)
 
-    run, states, r = _results(airflow_stack, api.trigger(DAG_ID))
+    run_id, run_type = api.start(DAG_ID)
+    assert run_type == "scheduled"  # unpausing a cron DAG runs its latest slot: scheduled retraining
+    run, states, r = _results(airflow_stack, run_id)
     assert run["state"] == "success", states
     assert set(states.values()) == {"success"}
     assert r["validate"]["success"] is True
@@ -168,5 +170,5 @@ def test_rejected_model_skips_register_and_deploy_without_failing_the_run(airflo
     evaluation = api.xcom("acme__churn-strict", run_id, "evaluate")
     assert evaluation["decision"] == "rejected" and "0.99" in evaluation["reason"]
     log = api.http.get(f"/dags/acme__churn-strict/dagRuns/{run_id}/taskInstances/register/logs/1",
-                       headers={"Accept": "text/plain"}).text
-    assert "model rejected by evaluate" in log
+                       headers={"Accept": "application/json"}).json()
+    assert "model rejected by evaluate" in json.dumps(log)
