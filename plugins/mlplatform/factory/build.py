@@ -10,7 +10,7 @@ from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable
 from mlplatform.config import PlatformConfig
 from mlplatform.factory.docs import broken_doc_md, spec_doc_md
 from mlplatform.factory.params import trigger_params
-from mlplatform.operators.stages import STAGE_OPERATORS, SpecErrorOperator
+from mlplatform.operators.stages import STAGE_OPERATORS, DriftMonitorOperator, SpecErrorOperator
 from mlplatform.spec.loader import BrokenSpec, Catalog, LoadedSpec
 from mlplatform.spec.model import duration_seconds
 from mlplatform.spec.template import PipelineTemplate
@@ -62,6 +62,13 @@ def build_dag(loaded: LoadedSpec, catalog: Catalog, config: PlatformConfig) -> D
     tenant = catalog.tenants[md.tenant]
     template: PipelineTemplate = catalog.templates[body.template]
     defaults = template.defaults
+    task_defaults = {
+        "owner": md.owner or tenant.spec.owner,
+        "retries": defaults.retries,
+        "retry_delay": timedelta(seconds=duration_seconds(defaults.retry_delay)),
+        "execution_timeout": timedelta(seconds=duration_seconds(defaults.timeout)),
+        "pool": tenant.cpu_pool,
+    }
     dag = DAG(
         dag_id=spec.dag_id,
         description=(md.description or f"{md.tenant}/{md.name}: {body.training.framework} pipeline")[:250],
@@ -72,18 +79,15 @@ def build_dag(loaded: LoadedSpec, catalog: Catalog, config: PlatformConfig) -> D
         tags=sorted({"mlplatform", f"tenant:{md.tenant}", f"template:{body.template}", *md.tags}),
         doc_md=spec_doc_md(loaded, tenant, template),
         params=trigger_params(spec),
-        default_args={
-            "owner": md.owner or tenant.spec.owner,
-            "retries": defaults.retries,
-            "retry_delay": timedelta(seconds=duration_seconds(defaults.retry_delay)),
-            "execution_timeout": timedelta(seconds=duration_seconds(defaults.timeout)),
-            "pool": tenant.cpu_pool,
-        },
+        default_args=task_defaults,
     )
-    common = {"spec": spec, "tenant": tenant, "spec_sha256": loaded.sha256, "dag": dag}
     tasks = {}
     for node in template.stages:
-        kwargs = dict(common, task_id=node.name, trigger_rule=node.trigger_rule)
+        # Tasks are created unattached and added below: attached at creation, Airflow deep-copies the DAG's
+        # Params into every task, although it merges DAG Params into the task's context at run time anyway
+        # (``process_params``). That copy was a third of the parse time of a spec.
+        kwargs = dict(task_defaults, task_id=node.name, trigger_rule=node.trigger_rule)
+        extra = {}
         if node.retries is not None:
             kwargs["retries"] = node.retries
         if node.timeout is not None:
@@ -94,10 +98,13 @@ def build_dag(loaded: LoadedSpec, catalog: Catalog, config: PlatformConfig) -> D
             if gpu > 0:
                 kwargs.update(pool=tenant.gpu_pool, pool_slots=gpu)
         if node.name == "register":
-            kwargs["promote"] = not template.has("canary_deploy")
+            extra["promote"] = not template.has("canary_deploy")
         if node.name == "drift_monitor":
-            kwargs["drift_asset"] = drift_asset(md.tenant, md.name)
-        task = STAGE_OPERATORS[node.name](**kwargs)
+            extra["drift_asset"] = asset = drift_asset(md.tenant, md.name)
+            kwargs["outlets"] = [DriftMonitorOperator.drift_alias(asset)]
+        task = STAGE_OPERATORS[node.name].for_spec(spec=spec, tenant=tenant, spec_sha256=loaded.sha256,
+                                                   extra=extra, **kwargs)
+        task.dag = dag
         for upstream in node.after:
             tasks[upstream] >> task
         tasks[node.name] = task

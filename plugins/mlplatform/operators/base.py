@@ -19,17 +19,28 @@ _QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "GIT_P
 
 
 class StageOperator(BaseOperator):
-    """Runs one pipeline stage for one spec; subclasses implement ``run(ctx, upstream, context)``."""
+    """Runs one pipeline stage for one spec; subclasses implement ``run(ctx, upstream, context)``.
+
+    Stage operators define no ``__init__``: Airflow deep-copies the DAG's Params once per ``__init__`` level
+    of every operator, which made parsing 1,000 specs 40% slower. ``for_spec`` sets the spec afterwards.
+    """
 
     ui_color = "#e8f0fe"
     stage: str = ""
     upstream_stages: tuple[str, ...] = ()
+    spec: PipelineSpec
+    tenant: TenantFile
+    spec_sha256: str
 
-    def __init__(self, *, spec: PipelineSpec, tenant: TenantFile, spec_sha256: str, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.spec = spec
-        self.tenant = tenant
-        self.spec_sha256 = spec_sha256
+    @classmethod
+    def for_spec(cls, *, spec: PipelineSpec, tenant: TenantFile, spec_sha256: str, extra: dict | None = None,
+                 **kwargs: Any) -> StageOperator:
+        """Create the task and attach the spec, its tenant and any stage-specific attributes."""
+        task = cls(**kwargs)
+        task.spec, task.tenant, task.spec_sha256 = spec, tenant, spec_sha256
+        for name, value in (extra or {}).items():
+            setattr(task, name, value)
+        return task
 
     def run_context(self, context: Any):
         from mlplatform.stages.context import RunContext

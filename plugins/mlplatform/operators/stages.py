@@ -74,6 +74,14 @@ class TrainOperator(StageOperator):
         log.info("trained run %s: %s", result["run_id"], json.dumps(result.get("metrics", {}), sort_keys=True))
         return result
 
+    def execute_complete(self, context, event=None, **kwargs):
+        """Where the triggerer resumes the kubernetes backend's deferred pod (``mlplatform.k8s.run``)."""
+        from mlplatform.k8s.run import resume_pod_trainer
+
+        result = resume_pod_trainer(self.run_context(context), context, event or {}, **kwargs)
+        log.info("trained run %s: %s", result["run_id"], json.dumps(result.get("metrics", {}), sort_keys=True))
+        return result
+
 
 class EvaluateOperator(StageOperator):
     """Gates the challenger on the spec's minimum and on beating the champion; never fails the run."""
@@ -95,9 +103,7 @@ class RegisterOperator(StageOperator):
     stage = "register"
     upstream_stages = ("train", "evaluate", "features")
 
-    def __init__(self, *, promote: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        self.promote = promote  # templates without a canary stage promote right after registering
+    promote = False  # templates without a canary stage promote right after registering
 
     def run(self, ctx, upstream, context):
         evaluation = upstream["evaluate"]
@@ -137,10 +143,11 @@ class DriftMonitorOperator(StageOperator):
     stage = "drift_monitor"
     upstream_stages = ("features",)
 
-    def __init__(self, *, drift_asset, **kwargs):
-        self.drift_asset = drift_asset
-        # Events go through an alias so a run without drift emits nothing.
-        super().__init__(outlets=[AssetAlias(name=f"{drift_asset.name}__alias")], **kwargs)
+    drift_asset = None  # set by the factory; events go through ``drift_alias`` so no drift emits nothing
+
+    @staticmethod
+    def drift_alias(asset) -> AssetAlias:
+        return AssetAlias(name=f"{asset.name}__alias")
 
     def run(self, ctx, upstream, context):
         from mlplatform.stages.drift import compute_drift, summary_lines
@@ -156,7 +163,7 @@ class DriftMonitorOperator(StageOperator):
             if getattr(dag_run, "run_type", None) == "asset_triggered":
                 log.info("drift found, but this run was itself triggered by drift: no new event (no retrain loop)")
             else:
-                context["outlet_events"][AssetAlias(name=f"{self.drift_asset.name}__alias")].add(
+                context["outlet_events"][self.drift_alias(self.drift_asset)].add(
                     self.drift_asset, extra={"drift_share": result["drift_share"], "run_id": ctx.run_id}
                 )
                 result["event_emitted"] = True
