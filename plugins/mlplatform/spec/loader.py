@@ -12,6 +12,7 @@ import json
 import posixpath
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -182,10 +183,10 @@ def load_templates(config: PlatformConfig, catalog: Catalog) -> None:
 
 def _display(path: Path, config: PlatformConfig) -> str:
     """The name errors use: relative to the repo when inside it, else to the folder above the specs."""
-    resolved = path.resolve()
-    for root in (REPO_ROOT, config.specs_dir.parent):
-        if resolved.is_relative_to(root.resolve()):
-            return str(resolved.relative_to(root.resolve()))
+    resolved = path.absolute()
+    for root in (REPO_ROOT, config.specs_dir.parent.absolute()):
+        if resolved.is_relative_to(root):
+            return str(resolved.relative_to(root))
     return str(path)
 
 
@@ -345,7 +346,9 @@ def normalise_source(source: str) -> str | None:
     return scheme + norm if norm not in ("", ".") else None
 
 
+@lru_cache(maxsize=1024)
 def check_schedule(value: str | None) -> str | None:
+    """None for a valid cron expression or preset, else why not (cached: specs share a few schedules)."""
     if value is None:
         return None
     presets = {"@once", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly", "@annually", "@continuous"}
