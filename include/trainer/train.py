@@ -3,14 +3,23 @@
 Runs as a local subprocess or as a Kubernetes pod; both configure it only through environment
 variables (see ``read_config``). It writes a result JSON to MLPLATFORM_RESULT_PATH and exits 2 with a
 one-line message on bad configuration. Standalone on purpose: it never imports the mlplatform package.
+
+Checkpoints (xgboost): every MLPLATFORM_CHECKPOINT_EVERY boosting rounds (default 25) the booster is saved
+under MLPLATFORM_CHECKPOINT_DIR (a local folder, or an s3:// prefix written with boto3; the endpoint comes
+from AWS_ENDPOINT_URL); a rerun of the same configuration (same data fingerprint, features, label and
+hyperparameters) resumes from the latest checkpoint with the remaining rounds instead of starting over,
+so a preempted or evicted pod loses at most one checkpoint interval. MLPLATFORM_TEST_STOP_AFTER_ROUNDS=K
+(tests only) SIGKILLs the process right after the first checkpoint at or after round K.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +33,8 @@ SKLEARN_MODELS = {
     "random_forest": ("sklearn.ensemble", "RandomForestClassifier", {"random_state": 0}),
     "logistic_regression": ("sklearn.linear_model", "LogisticRegression", {"max_iter": 1000}),
 }
+DEFAULT_CHECKPOINT_EVERY = 25
+DEFAULT_XGB_ROUNDS = 100  # XGBClassifier's n_estimators when the spec does not set it
 # Types skops does not trust by default but that our tree estimators contain.
 SKOPS_TRUSTED_TYPES = ["sklearn.tree._tree.Tree"]
 
@@ -51,6 +62,17 @@ def json_object(name: str) -> dict:
     return value
 
 
+def positive_int(name: str, default: int) -> int:
+    raw = env(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative")
+    return value
+
+
 def read_config() -> dict:
     """The env contract shared by the local process backend and the Kubernetes pod."""
     cfg = {
@@ -69,6 +91,9 @@ def read_config() -> dict:
         "result_path": Path(env("MLPLATFORM_RESULT_PATH", DEFAULT_RESULT_PATH)),
         "scratch": Path(env("MLPLATFORM_SCRATCH_DIR", tempfile.gettempdir())),
         "artifact_location": env("MLPLATFORM_ARTIFACT_LOCATION", ""),
+        "checkpoint_dir": env("MLPLATFORM_CHECKPOINT_DIR", ""),
+        "checkpoint_every": positive_int("MLPLATFORM_CHECKPOINT_EVERY", DEFAULT_CHECKPOINT_EVERY),
+        "test_stop_after_rounds": positive_int("MLPLATFORM_TEST_STOP_AFTER_ROUNDS", 0),
     }
     if cfg["framework"] not in ("xgboost", "sklearn"):
         raise ConfigError(f"MLPLATFORM_FRAMEWORK={cfg['framework']!r}: expected xgboost or sklearn")
@@ -150,6 +175,179 @@ def build_estimator(cfg: dict):
     return estimator, estimator.get_params().get("device", "cpu")
 
 
+# --- checkpoints (xgboost) ------------------------------------------------------------------------------
+
+class CheckpointStore:
+    """Boosters by round under a local folder or an s3:// prefix; ``latest.json`` is the commit point.
+
+    A save writes ``model-<rounds>.ubj`` first and then ``latest.json`` naming it, so a kill between the
+    two leaves the previous checkpoint valid; older model files are removed after the commit.
+    """
+
+    def __init__(self, location: str, scratch: Path):
+        self.location = location.rstrip("/")
+        self.scratch = scratch / "checkpoints"
+        self.s3 = self.location.startswith("s3://")
+        self._client = None
+        if self.s3:
+            self.bucket, _, self.prefix = self.location[len("s3://"):].partition("/")
+        elif "://" in self.location:
+            raise ConfigError(f"MLPLATFORM_CHECKPOINT_DIR={location!r}: expected a local folder or s3://")
+
+    # storage primitives
+    def _s3(self):
+        if self._client is None:
+            try:
+                import boto3
+            except ImportError:
+                raise ConfigError("MLPLATFORM_CHECKPOINT_DIR is s3:// but boto3 is not installed") from None
+            self._client = boto3.client("s3")  # honours AWS_ENDPOINT_URL and the AWS_* credentials
+        return self._client
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix.rstrip('/')}/{name}" if self.prefix else name
+
+    def _write(self, name: str, local: Path) -> None:
+        if self.s3:
+            self._s3().upload_file(str(local), self.bucket, self._key(name))
+        else:
+            folder = Path(self.location)
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{name}.tmp"
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, folder / name)
+
+    def _read(self, name: str, local: Path) -> bool:
+        if self.s3:
+            from botocore.exceptions import ClientError
+
+            try:
+                self._s3().download_file(self.bucket, self._key(name), str(local))
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+            return True
+        path = Path(self.location) / name
+        if not path.is_file():
+            return False
+        shutil.copyfile(path, local)
+        return True
+
+    def _delete(self, name: str) -> None:
+        if self.s3:
+            self._s3().delete_object(Bucket=self.bucket, Key=self._key(name))
+        else:
+            (Path(self.location) / name).unlink(missing_ok=True)
+
+    # checkpoints
+    def check_writable(self) -> None:
+        """Raise OSError (or a boto3 error) now rather than after the first interval of training."""
+        if self.s3:
+            self._s3().head_bucket(Bucket=self.bucket)
+        else:
+            Path(self.location).mkdir(parents=True, exist_ok=True)
+            probe = Path(self.location) / ".write-probe"
+            probe.write_text("ok")
+            probe.unlink()
+
+    def latest(self, key: str):
+        """(local model path, rounds) of the newest checkpoint made with the same configuration key."""
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        meta_path = self.scratch / "latest.json"
+        if not self._read("latest.json", meta_path):
+            return None
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") != key:
+            print(f"checkpoint in {self.location} was made with another configuration: starting fresh", flush=True)
+            return None
+        model = self.scratch / meta["model"]
+        if not self._read(meta["model"], model):
+            return None
+        return model, int(meta["rounds"])
+
+    def save(self, booster, rounds: int, key: str) -> None:
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        name = f"model-{rounds:06d}.ubj"
+        local = self.scratch / name
+        booster.save_model(str(local))
+        self._write(name, local)
+        previous = None
+        meta_path = self.scratch / "latest.json"
+        if meta_path.is_file():
+            previous = json.loads(meta_path.read_text()).get("model")
+        meta_path.write_text(json.dumps({"key": key, "rounds": rounds, "model": name, "saved_at": time.time()}))
+        self._write("latest.json", meta_path)
+        local.unlink(missing_ok=True)
+        if previous and previous != name:
+            try:
+                self._delete(previous)
+            except Exception as exc:  # a leftover file is harmless
+                print(f"could not delete old checkpoint {previous}: {exc}", flush=True)
+
+
+def checkpoint_key(cfg: dict) -> str:
+    """What must match for a checkpoint to be resumed: data, columns, model and hyperparameters."""
+    what = {k: cfg[k] for k in ("framework", "fingerprint", "label", "features", "hyperparameters")}
+    what["train_data"] = cfg["train_data"]
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def checkpoint_callback(store: CheckpointStore, every: int, total: int, key: str, stop_after: int):
+    """An xgboost TrainingCallback saving a checkpoint every ``every`` rounds (not after the last one)."""
+    import xgboost
+
+    class Checkpoint(xgboost.callback.TrainingCallback):
+        def after_iteration(self, model, epoch, evals_log) -> bool:
+            rounds = model.num_boosted_rounds()
+            if rounds % every == 0 and rounds < total:
+                started = time.perf_counter()
+                store.save(model, rounds, key)
+                print(f"checkpoint saved at round {rounds}/{total} to {store.location} "
+                      f"in {time.perf_counter() - started:.2f}s", flush=True)
+                if stop_after and rounds >= stop_after:
+                    print(f"MLPLATFORM_TEST_STOP_AFTER_ROUNDS={stop_after}: killing the trainer", flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return False
+
+    return Checkpoint()
+
+
+def fit_xgboost(cfg: dict, estimator, X, y) -> dict:
+    """Fit with checkpoints, resuming from the latest one; returns {"resumed_from_round", "boosted_rounds"}."""
+    total = int(cfg["hyperparameters"].get("n_estimators") or estimator.get_params().get("n_estimators")
+                or DEFAULT_XGB_ROUNDS)
+    info = {"resumed_from_round": 0, "boosted_rounds": total}
+    store = None
+    if cfg["checkpoint_dir"] and cfg["checkpoint_every"] > 0:
+        store = CheckpointStore(cfg["checkpoint_dir"], cfg["scratch"])
+        try:
+            store.check_writable()
+        except Exception as exc:  # e.g. a worker-local path inside a pod: train, just without checkpoints
+            print(f"checkpointing disabled: {cfg['checkpoint_dir']} is not writable ({exc})", flush=True)
+            store = None
+    if store is None:
+        estimator.fit(X, y)
+        return info
+    key = checkpoint_key(cfg)
+    found = store.latest(key)
+    start_model, done = (found if found else (None, 0))
+    if done >= total:  # cannot happen with our saves (never after the last round); be safe
+        start_model, done = None, 0
+    if start_model is not None:
+        print(f"resumed from checkpoint at round {done} of {total} ({store.location}): "
+              f"{total - done} rounds to go", flush=True)
+    estimator.set_params(n_estimators=total - done, callbacks=[
+        checkpoint_callback(store, cfg["checkpoint_every"], total, key, cfg["test_stop_after_rounds"])])
+    estimator.fit(X, y, xgb_model=str(start_model) if start_model is not None else None)
+    estimator.set_params(n_estimators=total, callbacks=None)
+    rounds = estimator.get_booster().num_boosted_rounds()
+    if rounds != total:
+        raise RuntimeError(f"expected {total} boosting rounds after training, found {rounds}")
+    info["resumed_from_round"] = done
+    return info
+
+
 def holdout_metrics(estimator, X, y) -> dict[str, float]:
     from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 
@@ -226,7 +424,11 @@ def train(cfg: dict) -> dict:
     X_holdout, y_holdout = load_split(cfg["holdout_data"], cfg["label"], cfg["features"])
     estimator, device = build_estimator(cfg)
     started = time.perf_counter()
-    estimator.fit(X, y)
+    if cfg["framework"] == "xgboost":
+        progress = fit_xgboost(cfg, estimator, X, y)
+    else:
+        estimator.fit(X, y)
+        progress = {}
     fit_seconds = time.perf_counter() - started
     metrics = holdout_metrics(estimator, X_holdout, y_holdout)
     print(f"trained {cfg['framework']} on {len(X)} rows ({device}) in {fit_seconds:.2f}s: {metrics}", flush=True)
@@ -241,7 +443,7 @@ def train(cfg: dict) -> dict:
                            "model": cfg["model"] if cfg["framework"] == "sklearn" else "xgb_classifier",
                            "n_features": len(cfg["features"]), "data_fingerprint": cfg["fingerprint"]})
         mlflow.log_metrics({**metrics, "train_rows": len(X), "holdout_rows": len(X_holdout),
-                            "fit_seconds": fit_seconds})
+                            "fit_seconds": fit_seconds, **progress})
         info, log_seconds = log_model(cfg, estimator, X)
         mlflow.log_metric("log_model_seconds", log_seconds)
     print(f"logged model {info.model_uri} in {log_seconds:.2f}s (run {run.info.run_id})", flush=True)

@@ -25,6 +25,7 @@ RUN_AS_USER = 10001  # the trainer image's USER
 SCRATCH_DIR = "/scratch"
 PRIORITY_CLASS = "mlplatform-priority"
 GPU_RESOURCE = "nvidia.com/gpu"
+TERMINATION_MESSAGE_POLICY = "FallbackToLogsOnError"
 # 63 (a DNS label) minus the "-xxxxxxxx" random suffix the KubernetesPodOperator appends to the name.
 NAME_MAX = 54
 DEFAULT_GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}  # set by NVIDIA GPU feature discovery
@@ -85,9 +86,12 @@ def container_security_context() -> dict[str, Any]:
     }
 
 
-def _resources(res: Resources) -> dict[str, dict[str, str]]:
-    """Requests equal limits (Guaranteed QoS); GPUs, an extended resource, must appear in both."""
-    amounts = {"cpu": str(res.cpu), "memory": res.memory}
+def _resources(res: Resources, memory: str | None = None) -> dict[str, dict[str, str]]:
+    """Requests equal limits (Guaranteed QoS); GPUs, an extended resource, must appear in both.
+
+    ``memory`` overrides the spec's memory (an OOM retry's escalated value, see ``mlplatform.k8s.retry``).
+    """
+    amounts = {"cpu": str(res.cpu), "memory": memory or res.memory}
     if res.gpu > 0:
         amounts[GPU_RESOURCE] = str(res.gpu)
     return {"requests": amounts, "limits": dict(amounts)}
@@ -107,8 +111,8 @@ def _env(env: dict[str, str], tenant: str) -> list[dict[str, Any]]:
     return out
 
 
-def render_train_pod(ctx: RunContext, env: dict[str, str]) -> dict[str, Any]:
-    """The full v1 Pod manifest that runs the trainer for one DAG run."""
+def render_train_pod(ctx: RunContext, env: dict[str, str], memory: str | None = None) -> dict[str, Any]:
+    """The full v1 Pod manifest that runs the trainer for one DAG run (``memory``: an OOM retry's value)."""
     spec, tenant = ctx.spec, ctx.tenant
     training = spec.spec.training
     name = pod_name(ctx.dag_id, ctx.run_id)
@@ -117,8 +121,11 @@ def render_train_pod(ctx: RunContext, env: dict[str, str]) -> dict[str, Any]:
         "image": ctx.config.trainer_image,
         "command": list(TRAINER_COMMAND),
         "env": _env(env, tenant.name),
-        "resources": _resources(training.resources),
+        "resources": _resources(training.resources, memory),
         "securityContext": container_security_context(),
+        # A trainer that dies without writing /dev/termination-log gets its last log lines copied into the
+        # pod status by the kubelet: the failure classifier reads them even when the logs are gone.
+        "terminationMessagePolicy": TERMINATION_MESSAGE_POLICY,
         "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH_DIR}],
     }
     pod_spec: dict[str, Any] = {

@@ -54,10 +54,35 @@ def train_env(ctx: RunContext, features: dict, result_path: Path, scratch: Path)
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "true",
     }
+    env["MLPLATFORM_CHECKPOINT_DIR"] = checkpoint_location(ctx)
+    env.update(object_store_env())
     if ctx.config.tracking_uri.startswith(("sqlite:", "file:")):
         # A database-only tracking store would put new experiments' artifacts under the trainer's cwd.
         env["MLPLATFORM_ARTIFACT_LOCATION"] = str(ctx.config.home / "mlartifacts")
     return env
+
+
+def object_store_env() -> dict[str, str]:
+    """Endpoint of an S3-compatible object store (MinIO, Ceph...) for MLflow and boto3 in the trainer.
+
+    From the platform's ``MLPLATFORM_S3_ENDPOINT_URL``; not a secret (credentials reach the pod only as
+    Secret references, see ``mlplatform.k8s.pod``). Empty when unset: AWS S3 itself needs no endpoint.
+    """
+    endpoint = os.environ.get("MLPLATFORM_S3_ENDPOINT_URL", "").strip()
+    return {"MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL": endpoint} if endpoint else {}
+
+
+def checkpoint_location(ctx: RunContext) -> str:
+    """Where the trainer keeps its checkpoints for this DAG run: retries of the run resume from there.
+
+    Under the artifact root: an s3:// prefix in production (the pod's scratch dir dies with the pod), a
+    local folder for the local backend.
+    """
+    root = ctx.config.artifact_root.rstrip("/")
+    parts = (ctx.spec.metadata.tenant, ctx.spec.metadata.name, ctx.run_key, "train", "checkpoints")
+    if "://" in root:
+        return "/".join((root, *parts))
+    return str(Path(root, *parts))
 
 
 def run_local_trainer(ctx: RunContext, features: dict) -> dict:
