@@ -35,8 +35,8 @@ PACKAGE = REPO / "plugins" / "mlplatform"
 ALLOWED_UNSET = {
     "MLPLATFORM_AIRFLOW_NAMESPACE": "read only by `mlplatform k8s` when rendering tenant RBAC for a Kubernetes "
                                     "install, never by a compose service; default 'airflow' = the Helm chart's",
-    "MLPLATFORM_AIRFLOW_SERVICE_ACCOUNT": "read only by `mlplatform k8s` (RoleBinding subject); default "
-                                          "'airflow-worker' = the official Helm chart's worker service account",
+    "MLPLATFORM_AIRFLOW_SERVICE_ACCOUNTS": "read only by `mlplatform k8s` (RoleBinding subjects); default "
+                                          "'airflow-worker,airflow-triggerer' = the official Helm chart's accounts",
 }
 
 # Variables the compose file sets on the gateway for `python -m mlplatform.serving` before that module

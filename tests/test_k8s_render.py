@@ -229,7 +229,10 @@ def test_tenant_manifests_content():
         "events": {"list"},
     }
     assert docs["RoleBinding"]["roleRef"]["name"] == docs["Role"]["metadata"]["name"]
-    assert docs["RoleBinding"]["subjects"] == [{"kind": "ServiceAccount", "name": "airflow-worker", "namespace": "airflow"}]
+    assert docs["RoleBinding"]["subjects"] == [  # workers create the pod; the triggerer watches a deferred one
+        {"kind": "ServiceAccount", "name": "airflow-worker", "namespace": "airflow"},
+        {"kind": "ServiceAccount", "name": "airflow-triggerer", "namespace": "airflow"},
+    ]
 
 
 def test_limit_range_defaults_are_coherent():

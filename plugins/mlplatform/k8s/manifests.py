@@ -117,25 +117,26 @@ def launcher_role(tenant: TenantFile) -> dict[str, Any]:
             "rules": rules}
 
 
-def airflow_identity() -> tuple[str, str]:
-    """(namespace, service account) of the Airflow workers that launch pods.
+def airflow_identity() -> tuple[str, list[str]]:
+    """(namespace, service accounts) of the Airflow components that launch and watch pods.
 
-    From ``MLPLATFORM_AIRFLOW_NAMESPACE`` / ``MLPLATFORM_AIRFLOW_SERVICE_ACCOUNT``; defaults match the
-    official Helm chart installed as release "airflow" in namespace "airflow".
+    Workers create the pod; with deferrable training the triggerer reads and deletes it. From
+    ``MLPLATFORM_AIRFLOW_NAMESPACE`` / ``MLPLATFORM_AIRFLOW_SERVICE_ACCOUNTS`` (comma-separated); defaults
+    match the official Helm chart installed as release "airflow" in namespace "airflow".
     """
     ns = os.environ.get("MLPLATFORM_AIRFLOW_NAMESPACE", "").strip() or "airflow"
-    sa = os.environ.get("MLPLATFORM_AIRFLOW_SERVICE_ACCOUNT", "").strip() or "airflow-worker"
-    return ns, sa
+    raw = os.environ.get("MLPLATFORM_AIRFLOW_SERVICE_ACCOUNTS", "").strip() or "airflow-worker,airflow-triggerer"
+    return ns, [sa.strip() for sa in raw.split(",") if sa.strip()]
 
 
 def launcher_binding(tenant: TenantFile) -> dict[str, Any]:
-    """Grants the launcher Role to the Airflow workers' service account."""
-    ns, sa = airflow_identity()
+    """Grants the launcher Role to the Airflow workers' and triggerer's service accounts."""
+    ns, accounts = airflow_identity()
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
         "metadata": _meta(tenant, LAUNCHER),
-        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}],
+        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns} for sa in accounts],
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": LAUNCHER},
     }
 
