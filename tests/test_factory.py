@@ -22,7 +22,7 @@ def dags(platform):
 
 
 def test_every_example_spec_becomes_a_dag(dags):
-    assert sorted(dags) == ["acme__churn-baseline", "acme__churn-xgb", "globex__upsell"]
+    assert sorted(dags) == ["acme__churn-baseline", "acme__churn-xgb", "acme__deployments", "globex__upsell"]
 
 
 def test_standard_template_is_a_seven_stage_chain(dags):
@@ -85,7 +85,7 @@ def test_broken_spec_becomes_paused_stand_in_and_others_survive(platform):
     copy_example_specs(platform.specs_dir)
     write_spec(platform.specs_dir, "globex", "broken", "apiVersion: mlplatform.io/v1\nkind: Pipeline\nmetadata: [\n")
     dags = build_all(load_catalog(platform), platform)
-    assert {"acme__churn-xgb", "acme__churn-baseline", "globex__upsell", "globex__broken"} <= set(dags)
+    assert {"acme__churn-xgb", "acme__churn-baseline", "globex__upsell", "globex__broken", "acme__deployments"} <= set(dags)
     stand_in = dags["globex__broken"]
     assert "invalid-spec" in stand_in.tags
     assert stand_in.is_paused_upon_creation is True
@@ -131,10 +131,13 @@ def test_task_worker_parses_only_its_own_spec(platform, monkeypatch):
 
     copy_example_specs(platform.specs_dir)
     write_spec(platform.specs_dir, "globex", "broken", "kind: [\n")
-    assert set(load_dags()) == {"acme__churn_xgb", "acme__churn_baseline", "globex__upsell", "globex__broken"}
+    everything = {"acme__churn_xgb", "acme__churn_baseline", "globex__upsell", "globex__broken", "acme__deployments"}
+    assert set(load_dags()) == everything
     monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "acme__churn-xgb")
-    assert set(load_dags()) == {"acme__churn_xgb"}
+    assert set(load_dags()) == {"acme__churn_xgb", "acme__deployments"}
+    monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "acme__deployments")
+    assert set(load_dags()) == {"acme__churn_xgb", "acme__churn_baseline", "acme__deployments"}
     monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "globex__broken")
     assert set(load_dags()) == {"globex__broken"}
     monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "someone__elses_dag")
-    assert len(load_dags()) == 4
+    assert set(load_dags()) == everything

@@ -169,3 +169,207 @@ def test_unloadable_version_fails_startup(registry, tmp_path):
     with pytest.raises(RuntimeError, match="could not load"):
         with serve(registry, tmp_path, Route("99")):
             pass
+
+
+# --- batch form, auth, registry-derived routes, prediction log in PostgreSQL, the standalone process -----
+
+
+def test_batch_predict_routes_each_row(registry, tmp_path):
+    x = registry["x"]
+    rows = x.head(40).to_dict("records")
+    keys = [f"customer-{i}" for i in range(40)]
+    with serve(registry, tmp_path, Route("1", "2", 0.5)) as server, httpx.Client(base_url=server.url) as http:
+        body = http.post("/v1/models/acme/churn:batchPredict", json={"instances": rows, "routing_keys": keys}).json()
+        again = http.post("/v1/models/acme/churn:batchPredict", json={"instances": rows, "routing_keys": keys}).json()
+        assert http.post("/v1/models/acme/churn:batchPredict",
+                         json={"instances": rows, "routing_keys": keys[:3]}).status_code == 422
+    assert set(body["variants"]) == {"champion", "challenger"}
+    assert body["variants"] == again["variants"]  # sticky per row
+    for i, (variant, p) in enumerate(zip(body["variants"], body["predictions"])):
+        model = registry["models"][0 if variant == "champion" else 1]
+        assert np.isclose(p, model.predict_proba(x.iloc[[i]])[:, 1][0])
+    assert len(body["request_ids"]) == 2
+
+
+def test_tenant_tokens(registry, tmp_path):
+    from mlplatform.serving.auth import TokenAuth, add_token
+
+    tokens = tmp_path / "tokens.json"
+    acme, globex = add_token(tokens, "acme"), add_token(tokens, "globex")
+    assert acme not in tokens.read_text()  # only digests are stored
+    auth = TokenAuth.from_file(tokens)
+    row = registry["x"].head(1).to_dict("records")
+    app = create_app(registry["uri"], RoutingTable({NAME: Route("1")}), tmp_path / "p", auth=auth)
+    with GatewayServer(app) as server, httpx.Client(base_url=server.url) as http:
+        assert http.post(URL_PATH, json={"instances": row}).status_code == 401
+        assert http.post(URL_PATH, json={"instances": row},
+                         headers={"Authorization": f"Bearer {globex}"}).status_code == 403
+        assert http.post(URL_PATH, json={"instances": row},
+                         headers={"Authorization": "Bearer wrong"}).status_code == 403
+        ok = http.post(URL_PATH, json={"instances": row}, headers={"Authorization": f"Bearer {acme}"})
+        assert ok.status_code == 200 and ok.json()["model_version"] == "1"
+        assert http.get("/v1/models/acme/churn/stats").status_code == 401
+        assert http.get("/v1/models/acme/churn/stats",
+                        headers={"Authorization": f"Bearer {acme}"}).json()["champion"]["requests"] == 1
+        assert http.get("/healthz").status_code == 200  # probes need no token
+
+
+def test_routes_follow_registry_aliases(registry, tmp_path):
+    from mlflow import MlflowClient
+
+    from mlplatform.serving.registry_sync import SHARE_TAG, RegistryWatcher, routes_from_registry
+
+    client = MlflowClient(registry["uri"], registry["uri"])
+    client.set_registered_model_alias(NAME, "champion", "1")
+    client.set_registered_model_alias(NAME, "challenger", "2")
+    client.set_registered_model_tag(NAME, SHARE_TAG, "0.25")
+    try:
+        assert routes_from_registry(client) == {NAME: Route("1", "2", 0.25)}
+        app = create_app(registry["uri"], RoutingTable(routes_from_registry(client)), tmp_path / "p")
+        with GatewayServer(app) as server, httpx.Client(base_url=server.url) as http:
+            watcher = RegistryWatcher(server.gateway, client)
+            assert watcher.sync_once() == {}
+            client.set_registered_model_tag(NAME, SHARE_TAG, "0")  # rolled back: challenger kept, no traffic
+            assert NAME in watcher.sync_once()
+            assert http.get("/v1/routes").json()["routes"][NAME] == {"champion": "1", "challenger": None, "share": 0.0}
+            client.set_registered_model_alias(NAME, "champion", "2")
+            watcher.sync_once()
+            row = registry["x"].head(1).to_dict("records")
+            assert http.post(URL_PATH, json={"instances": row}).json()["model_version"] == "2"
+            # MLflow unreachable: the table stays
+            class Down:
+                def search_registered_models(self, *args, **kwargs):
+                    raise ConnectionError("MLflow is down")
+
+            watcher.client = Down()
+            assert watcher.sync_once() == {} and watcher.last_error
+            assert http.post(URL_PATH, json={"instances": row}).json()["model_version"] == "2"
+    finally:
+        client.set_registered_model_alias(NAME, "champion", "1")
+        client.delete_registered_model_alias(NAME, "challenger")
+        client.delete_registered_model_tag(NAME, SHARE_TAG)
+
+
+@pytest.fixture
+def postgres_url():
+    psycopg = pytest.importorskip("psycopg")
+    import uuid
+
+    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
+    try:
+        conn = psycopg.connect(admin, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {exc}")
+    db = f"mlplatform_test_{uuid.uuid4().hex[:10]}"  # created by the gateway's PostgresLog itself
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{db}"
+    finally:
+        conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        conn.close()
+
+
+def test_prediction_log_in_postgres(registry, tmp_path, postgres_url):
+    import psycopg
+
+    from mlplatform.serving.predlog import PostgresLog
+
+    plog = PostgresLog(postgres_url, flush_seconds=0.05)
+    rows = registry["x"].head(2).to_dict("records")
+    app = create_app(registry["uri"], RoutingTable({NAME: Route("1", "3", 0.5)}), prediction_log=plog, seed=3)
+    with GatewayServer(app) as server, httpx.Client(base_url=server.url) as http:
+        ids = [http.post(URL_PATH, json={"instances": rows}).json()["request_id"] for _ in range(30)]
+        plog.flush()
+    with psycopg.connect(postgres_url) as conn:
+        got = conn.execute("SELECT request_id, model, variant, model_version, inputs, outputs, status, latency_ms "
+                           "FROM mlplatform_predictions").fetchall()
+    assert sorted(r[0] for r in got) == sorted(ids)
+    by_variant = {r[2]: r for r in got}
+    champion, challenger = by_variant["champion"], by_variant["challenger"]
+    assert champion[1] == NAME and champion[3] == "1" and champion[6] == "ok" and len(champion[5]) == 2
+    assert champion[4][0].keys() == set(FEATURES) and champion[7] > 0
+    assert challenger[3] == "3" and challenger[6] == "error" and challenger[5] is None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_gateway(env: dict, log_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    handle = log_path.open("ab")
+    proc = subprocess.Popen([sys.executable, "-m", "mlplatform.serving", "--reload-interval", "0.5"],
+                            env={**os.environ, **env}, stdout=handle, stderr=subprocess.STDOUT)
+    return proc
+
+
+def _wait_ready(url: str, proc, timeout: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "gateway process exited"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("standalone gateway not ready")
+
+
+def test_standalone_gateway_restores_routes_after_restart(registry, tmp_path):
+    """`python -m mlplatform.serving`: routes from MLflow aliases, hot reload, same table after a restart."""
+    import time
+
+    from mlflow import MlflowClient
+
+    from mlplatform.serving.auth import add_token
+    from mlplatform.serving.registry_sync import SHARE_TAG
+
+    client = MlflowClient(registry["uri"], registry["uri"])
+    client.set_registered_model_alias(NAME, "champion", "1")
+    home = tmp_path / "home"
+    token = add_token(home / "gateway" / "tokens.json", "acme")
+    port = _free_port()
+    env = {"MLFLOW_TRACKING_URI": registry["uri"], "MLPLATFORM_HOME": str(home),
+           "MLPLATFORM_GATEWAY_HOST": "127.0.0.1", "MLPLATFORM_GATEWAY_PORT": str(port)}
+    url = f"http://127.0.0.1:{port}"
+    row = registry["x"].head(1).to_dict("records")
+    auth = {"Authorization": f"Bearer {token}"}
+    proc = _start_gateway(env, tmp_path / "gateway.log")
+    try:
+        _wait_ready(url, proc)
+        assert httpx.post(url + URL_PATH, json={"instances": row}).status_code == 401
+        assert httpx.post(url + URL_PATH, json={"instances": row}, headers=auth).json()["model_version"] == "1"
+        # the deploy stage moves a canary in: challenger 2 at 40%
+        client.set_registered_model_alias(NAME, "challenger", "2")
+        client.set_registered_model_tag(NAME, SHARE_TAG, "0.4")
+        want = {"champion": "1", "challenger": "2", "share": 0.4}
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/v1/routes").json()["routes"].get(NAME) != want:
+            assert time.monotonic() < deadline, "hot reload did not happen"
+            time.sleep(0.2)
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        proc = _start_gateway(env, tmp_path / "gateway.log")
+        _wait_ready(url, proc)
+        assert httpx.get(url + "/v1/routes").json()["routes"][NAME] == want
+        variants = {httpx.post(url + URL_PATH, json={"instances": row}, headers=auth).json()["variant"]
+                    for _ in range(40)}
+        assert variants == {"champion", "challenger"}
+        logged = (home / "gateway" / "predictions" / f"{NAME}.jsonl").read_text().splitlines()
+        assert len(logged) == 41 and json.loads(logged[0])["inputs"] == row
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        client.set_registered_model_alias(NAME, "champion", "1")
+        client.delete_registered_model_alias(NAME, "challenger")
+        client.delete_registered_model_tag(NAME, SHARE_TAG)

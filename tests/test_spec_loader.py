@@ -60,7 +60,7 @@ BAD = [
     ("wrong-type", _replace("{framework: xgboost}", "{framework: xgboost, holdout_fraction: lots}"), "acme",
      "spec.training.holdout_fraction: Input should be a valid number"),
     ("bad-framework", _replace("xgboost}", "tensorflow}"), "acme",
-     "mini.yaml:6:14: spec.training.framework: 'tensorflow' is not allowed; expected 'xgboost' or 'sklearn'"),
+     "mini.yaml:6:14: spec.training.framework: 'tensorflow' is not allowed; expected 'xgboost', 'sklearn' or 'pytorch'"),
     ("negative-gpu", _replace("{framework: xgboost}", "{resources: {gpu: -1}}"), "acme",
      "spec.training.resources.gpu: Input should be greater than or equal to 0"),
     ("gpu-above-quota", _replace("{framework: xgboost}", "{resources: {gpu: 3}}"), "acme",

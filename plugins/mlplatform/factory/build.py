@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable
 
 from mlplatform.config import PlatformConfig
+from mlplatform.factory.control import build_control_dags
 from mlplatform.factory.docs import broken_doc_md, spec_doc_md
 from mlplatform.factory.params import trigger_params
 from mlplatform.operators.stages import STAGE_OPERATORS, DriftMonitorOperator, SpecErrorOperator
@@ -145,4 +146,5 @@ def build_all(catalog: Catalog, config: PlatformConfig) -> dict[str, DAG]:
     for broken in catalog.broken:
         if broken.dag_id not in dags:
             dags[broken.dag_id] = build_broken_dag(broken)
+    dags.update(build_control_dags(catalog, config))
     return dags

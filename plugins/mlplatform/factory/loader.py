@@ -12,6 +12,7 @@ from airflow.sdk import get_parsing_context
 
 from mlplatform.config import PlatformConfig, get_config
 from mlplatform.factory.build import build_all
+from mlplatform.factory.control import control_dag_id
 from mlplatform.spec.loader import SPEC_SUFFIXES, load_catalog
 
 
@@ -28,6 +29,9 @@ def spec_files_for(dag_id: str | None, config: PlatformConfig) -> list[Path] | N
     if not dag_id or "__" not in dag_id:
         return None
     tenant, name = dag_id.split("__", 1)
+    if dag_id == control_dag_id(tenant):  # the tenant's control DAG needs all of that tenant's specs
+        folder = config.specs_dir / tenant
+        return sorted(p for p in folder.iterdir() if p.suffix in SPEC_SUFFIXES) if folder.is_dir() else None
     files = [config.specs_dir / tenant / f"{name}{suffix}" for suffix in SPEC_SUFFIXES]
     found = [f for f in files if f.is_file()]
     return found or None

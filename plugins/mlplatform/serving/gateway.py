@@ -4,12 +4,17 @@
 127.0.0.1 and an ephemeral port. Models are loaded from the MLflow registry by version and cached;
 ``Gateway.set_route`` swaps versions while serving. Never imported by DAG parsing (mlflow and pandas
 are still imported lazily, so the app starts fast and loads models in the background).
+
+Endpoints: ``POST /v1/models/<tenant>/<pipeline>:predict`` (``inputs``: one row, or ``instances``: rows
+served by one variant), ``:batchPredict`` (``instances`` with optional per-row ``routing_keys``: each row is
+routed on its own), ``GET /v1/models/<tenant>/<pipeline>/stats`` (per-variant counters the canary gates
+read), ``GET /v1/routes``, ``/healthz``, ``/readyz``, ``/metrics``. With a ``TokenAuth`` every model
+endpoint needs the tenant's bearer token (see ``mlplatform.serving.auth``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import random
@@ -22,7 +27,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Header, HTTPException
@@ -30,10 +35,14 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field, model_validator
 
+from mlplatform.serving.auth import TokenAuth
+from mlplatform.serving.predlog import JsonlLog, PredictionLog
+
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 LATENCY_WINDOW = 100_000  # latencies kept per variant for percentiles
+PREDICTION_WINDOW = 20_000  # predictions kept per variant for the distribution-shift gate
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 Predictor = Callable[[list[dict[str, Any]]], list[Any]]
 Version = str | int
@@ -90,16 +99,33 @@ class VariantStats:
     requests: int = 0
     errors: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    predictions: deque[float] = field(default_factory=lambda: deque(maxlen=PREDICTION_WINDOW))
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, with_predictions: bool = False) -> dict[str, Any]:
         lat = sorted(self.latencies_ms)
-        return {
+        out = {
             "requests": self.requests,
             "errors": self.errors,
             "error_rate": self.errors / self.requests if self.requests else 0.0,
             "p50_ms": percentile(lat, 50),
             "p99_ms": percentile(lat, 99),
         }
+        if with_predictions:
+            out["predictions"] = list(self.predictions)
+        return out
+
+
+def numeric_outputs(predictions: list[Any] | None) -> list[float]:
+    """The scalar numeric predictions of a response (for the distribution-shift gate)."""
+    if not predictions:
+        return []
+    out = []
+    for p in predictions:
+        if isinstance(p, list) and len(p) == 1:
+            p = p[0]
+        if isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p):
+            out.append(float(p))
+    return out
 
 
 class PredictRequest(BaseModel):
@@ -163,20 +189,40 @@ def _pyfunc_predictor(model: Any) -> Predictor:
     return predict
 
 
+class BatchRequest(BaseModel):
+    """``{"instances": [...], "routing_keys": [...]?}``: every row is routed on its own (sticky per key)."""
+
+    instances: list[dict[str, Any]] = Field(min_length=1, max_length=10_000)
+    routing_keys: list[str | None] | None = None
+
+    @model_validator(mode="after")
+    def _same_length(self) -> BatchRequest:
+        if self.routing_keys is not None and len(self.routing_keys) != len(self.instances):
+            raise ValueError("routing_keys must have one entry per instance")
+        return self
+
+
 class Gateway:
     """Routes, model cache, stats, Prometheus metrics and the prediction log behind one app."""
 
-    def __init__(self, tracking_uri: str, routes: RoutingTable, log_dir: Path, seed: int = 0):
+    def __init__(self, tracking_uri: str, routes: RoutingTable, log_dir: Path | None = None, seed: int = 0,
+                 prediction_log: PredictionLog | None = None, auth: TokenAuth | None = None,
+                 loader: Callable[[str, str, str], Predictor] | None = None):
         self.tracking_uri = tracking_uri
         self.routes: dict[str, Route] = dict(routes.routes)
-        self.log_dir = Path(log_dir)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if prediction_log is None:
+            if log_dir is None:
+                raise ValueError("give log_dir or prediction_log")
+            prediction_log = JsonlLog(log_dir)
+        self.prediction_log = prediction_log
+        self.auth = auth
+        self.loader = loader or load_predictor
         self.rng = random.Random(seed)
         self.load_error: str | None = None
         self._models: dict[tuple[str, str], Predictor] = {}
         self._stats: dict[tuple[str, str, str], VariantStats] = {}
-        self._logs: dict[str, TextIO] = {}
         self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
         self.registry = CollectorRegistry()
         labels = ("tenant", "pipeline", "variant")
         self._requests = Counter("mlplatform_gateway_requests", "Prediction requests.", labels, registry=self.registry)
@@ -187,9 +233,10 @@ class Gateway:
         )
 
     def _ensure_loaded(self, name: str, route: Route) -> None:
-        for version in route.versions().values():
-            if (name, version) not in self._models:
-                self._models[(name, version)] = load_predictor(self.tracking_uri, name, version)
+        with self._load_lock:
+            for version in route.versions().values():
+                if (name, version) not in self._models:
+                    self._models[(name, version)] = self.loader(self.tracking_uri, name, version)
 
     def load_all(self) -> None:
         """Load every routed version (run in the background at startup; failures show in /readyz)."""
@@ -211,13 +258,35 @@ class Gateway:
 
     def set_route(self, name: str, champion: Version, challenger: Version | None = None, share: float = 0.0) -> None:
         """Hot reload: load the new versions first, then swap the route and drop unused models."""
-        route = Route(str(champion), None if challenger is None else str(challenger), share)
+        self.apply_route(name, Route(str(champion), None if challenger is None else str(challenger), share))
+
+    def apply_route(self, name: str, route: Route) -> None:
+        """Load the route's versions, then swap it in (requests never see a half-loaded route)."""
         self._ensure_loaded(name, route)
         with self._lock:
             self.routes[name] = route
-            used = {(n, v) for n, r in self.routes.items() for v in r.versions().values()}
-            for key in [k for k in self._models if k not in used]:
-                del self._models[key]
+            self._drop_unused()
+
+    def remove_route(self, name: str) -> None:
+        with self._lock:
+            self.routes.pop(name, None)
+            self._drop_unused()
+
+    def _drop_unused(self) -> None:
+        used = {(n, v) for n, r in self.routes.items() for v in r.versions().values()}
+        for key in [k for k in self._models if k not in used]:
+            del self._models[key]
+
+    def route_table(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {n: {"champion": r.champion, "challenger": r.challenger, "share": r.share}
+                    for n, r in sorted(self.routes.items())}
+
+    def reset_stats(self, name: str) -> None:
+        """Forget the in-memory stats of ``name`` (the canary does this at the start of every step)."""
+        with self._lock:
+            for key in [k for k in self._stats if k[0] == name]:
+                del self._stats[key]
 
     def pick(self, name: str, routing_key: str | None) -> tuple[str, str, Predictor]:
         """Variant, version and predictor for one request."""
@@ -232,6 +301,24 @@ class Gateway:
             raise HTTPException(503, f"model {name} version {version} is still loading")
         return variant, version, predictor
 
+    def serve(self, name: str, variant: str, version: str, predictor: Predictor,
+              rows: list[dict[str, Any]]) -> tuple[list[Any] | None, str | None, str]:
+        """Run the model on ``rows``, record the request; (predictions, error, request id)."""
+        request_id = uuid.uuid4().hex
+        started = time.perf_counter()
+        try:
+            predictions, error = predictor(rows), None
+        except Exception as exc:  # noqa: BLE001 - a failing model is a 500 for this request only
+            predictions, error = None, f"{type(exc).__name__}: {exc}"
+        latency_ms = (time.perf_counter() - started) * 1000
+        self.record(name, variant, version, {
+            "request_id": request_id, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "variant": variant, "model_version": version, "n_instances": len(rows),
+            "inputs": rows, "outputs": predictions, "latency_ms": round(latency_ms, 3),
+            "status": "ok" if error is None else "error", "error": error,
+        })
+        return predictions, error, request_id
+
     def record(self, name: str, variant: str, version: str, entry: dict[str, Any]) -> None:
         """Count one request in stats and metrics and append it to the model's prediction log."""
         tenant, _, pipeline = name.partition(".")
@@ -241,42 +328,49 @@ class Gateway:
         self._latency.labels(*labels).observe(entry["latency_ms"] / 1000)
         if failed:
             self._errors.labels(*labels).inc()
-        line = json.dumps(entry) + "\n"
+        outputs = numeric_outputs(entry.get("outputs"))
         with self._lock:
             stats = self._stats.setdefault((name, variant, version), VariantStats())
             stats.requests += 1
             stats.errors += failed
             stats.latencies_ms.append(entry["latency_ms"])
-            self._log_file(name).write(line)
+            stats.predictions.extend(outputs)
+        self.prediction_log.write(name, entry)
 
-    def _log_file(self, name: str) -> TextIO:
-        if name not in self._logs:
-            self._logs[name] = (self.log_dir / f"{name}.jsonl").open("a", buffering=1, encoding="utf-8")
-        return self._logs[name]
-
-    def stats(self, name: str) -> dict[str, dict[str, Any]]:
+    def stats(self, name: str, with_predictions: bool = False) -> dict[str, dict[str, Any]]:
         """Variant -> stats summary for the versions currently routed for ``name``."""
         with self._lock:
             route = self.routes[name]
             return {
-                variant: self._stats.get((name, variant, version), VariantStats()).summary() | {"version": version}
+                variant: self._stats.get((name, variant, version), VariantStats()).summary(with_predictions)
+                | {"version": version}
                 for variant, version in route.versions().items()
             }
 
     def close(self) -> None:
-        with self._lock:
-            for handle in self._logs.values():
-                handle.close()
-            self._logs.clear()
+        self.prediction_log.close()
 
 
-def create_app(tracking_uri: str, routes: RoutingTable, log_dir: str | Path, seed: int = 0) -> FastAPI:
-    """The gateway app; its ``Gateway`` is ``app.state.gateway``. Prediction logs go to ``log_dir``."""
-    gateway = Gateway(tracking_uri, routes, Path(log_dir), seed)
+def create_app(tracking_uri: str, routes: RoutingTable, log_dir: str | Path | None = None, seed: int = 0, *,
+               prediction_log: PredictionLog | None = None, auth: TokenAuth | None = None,
+               loader: Callable[[str, str, str], Predictor] | None = None,
+               on_startup: Callable[[Gateway], None] | None = None) -> FastAPI:
+    """The gateway app; its ``Gateway`` is ``app.state.gateway``.
+
+    Prediction logs go to ``prediction_log``, else JSONL files in ``log_dir``. ``on_startup`` runs in the
+    background after the routed models are loaded (the standalone gateway starts its registry watcher there).
+    """
+    gateway = Gateway(tracking_uri, routes, None if log_dir is None else Path(log_dir), seed,
+                      prediction_log=prediction_log, auth=auth, loader=loader)
+
+    def start() -> None:
+        gateway.load_all()
+        if on_startup is not None:
+            on_startup(gateway)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        threading.Thread(target=gateway.load_all, name="gateway-loader", daemon=True).start()
+        threading.Thread(target=start, name="gateway-loader", daemon=True).start()
         yield
         gateway.close()
 
@@ -296,29 +390,69 @@ def create_app(tracking_uri: str, routes: RoutingTable, log_dir: str | Path, see
     def metrics() -> Response:
         return Response(generate_latest(gateway.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def authorize(tenant: str, authorization: str | None) -> None:
+        if gateway.auth is not None:
+            gateway.auth.check(tenant, authorization)
+
+    @app.get("/v1/routes")
+    def routes_view() -> dict[str, Any]:
+        return {"routes": gateway.route_table()}
+
     @app.post("/v1/models/{tenant}/{pipeline}:predict")
     def predict(
-        tenant: str, pipeline: str, body: PredictRequest, x_routing_key: str | None = Header(None)
+        tenant: str, pipeline: str, body: PredictRequest, x_routing_key: str | None = Header(None),
+        authorization: str | None = Header(None),
     ) -> JSONResponse:
+        authorize(tenant, authorization)
         name = f"{tenant}.{pipeline}"
         variant, version, predictor = gateway.pick(name, x_routing_key)
-        rows = body.rows()
-        request_id = uuid.uuid4().hex
-        started = time.perf_counter()
-        try:
-            predictions, error = predictor(rows), None
-        except Exception as exc:  # noqa: BLE001 - a failing model is a 500 for this request only
-            predictions, error = None, f"{type(exc).__name__}: {exc}"
-        latency_ms = (time.perf_counter() - started) * 1000
-        gateway.record(name, variant, version, {
-            "request_id": request_id, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "variant": variant, "model_version": version, "n_instances": len(rows),
-            "latency_ms": round(latency_ms, 3), "status": "ok" if error is None else "error",
-        })
+        predictions, error, request_id = gateway.serve(name, variant, version, predictor, body.rows())
         head = {"variant": variant, "model_version": version, "request_id": request_id}
         if error is not None:
             return JSONResponse({"error": error, **head}, status_code=500)
         return JSONResponse({"predictions": predictions, **head})
+
+    @app.post("/v1/models/{tenant}/{pipeline}:batchPredict")
+    def batch_predict(tenant: str, pipeline: str, body: BatchRequest,
+                      authorization: str | None = Header(None)) -> JSONResponse:
+        """Each row routed on its own; rows of one variant are predicted together (one log entry per group)."""
+        authorize(tenant, authorization)
+        name = f"{tenant}.{pipeline}"
+        keys = body.routing_keys or [None] * len(body.instances)
+        groups: dict[str, list[int]] = {}
+        chosen: dict[str, tuple[str, Predictor]] = {}
+        for i, key in enumerate(keys):
+            variant, version, predictor = gateway.pick(name, key)
+            groups.setdefault(variant, []).append(i)
+            chosen[variant] = (version, predictor)
+        predictions: list[Any] = [None] * len(body.instances)
+        variants: list[str] = [""] * len(body.instances)
+        versions: list[str] = [""] * len(body.instances)
+        errors, request_ids = [], []
+        for variant, idx in groups.items():
+            version, predictor = chosen[variant]
+            out, error, request_id = gateway.serve(name, variant, version, predictor,
+                                                   [body.instances[i] for i in idx])
+            request_ids.append(request_id)
+            if error is not None:
+                errors.append({"variant": variant, "model_version": version, "error": error})
+                continue
+            for i, p in zip(idx, out):
+                predictions[i], variants[i], versions[i] = p, variant, version
+        body_out = {"predictions": predictions, "variants": variants, "model_versions": versions,
+                    "request_ids": request_ids}
+        if errors:
+            return JSONResponse({**body_out, "errors": errors}, status_code=500)
+        return JSONResponse(body_out)
+
+    @app.get("/v1/models/{tenant}/{pipeline}/stats")
+    def stats_view(tenant: str, pipeline: str, predictions: bool = False,
+                   authorization: str | None = Header(None)) -> dict[str, Any]:
+        authorize(tenant, authorization)
+        name = f"{tenant}.{pipeline}"
+        if name not in gateway.route_table():
+            raise HTTPException(404, f"no model {name!r} is served here")
+        return gateway.stats(name, with_predictions=predictions)
 
     return app
 
@@ -326,17 +460,20 @@ def create_app(tracking_uri: str, routes: RoutingTable, log_dir: str | Path, see
 class GatewayServer:
     """Context manager running a gateway app with uvicorn in a thread on 127.0.0.1 and a free port."""
 
-    def __init__(self, app: FastAPI, startup_timeout: float = 120.0):
+    def __init__(self, app: FastAPI, startup_timeout: float = 120.0, host: str = "127.0.0.1", port: int = 0):
         self.app = app
         self.gateway: Gateway = app.state.gateway
         self.startup_timeout = startup_timeout
+        self.host = host
+        self.bind_port = port
         self.port: int | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
 
     def set_route(self, name: str, champion: Version, challenger: Version | None = None, share: float = 0.0) -> None:
         """Hot reload (see ``Gateway.set_route``)."""
@@ -344,7 +481,8 @@ class GatewayServer:
 
     def __enter__(self) -> GatewayServer:
         config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=0, log_config=None, access_log=False, timeout_graceful_shutdown=5
+            self.app, host=self.host, port=self.bind_port, log_config=None, access_log=False,
+            timeout_graceful_shutdown=5
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="gateway-server", daemon=True)

@@ -174,7 +174,7 @@ class Tunable(Strict):
 
 
 class TrainingSpec(Strict):
-    framework: Literal["xgboost", "sklearn"] = "xgboost"
+    framework: Literal["xgboost", "sklearn", "pytorch"] = "xgboost"
     model: Literal["gradient_boosting", "random_forest", "logistic_regression"] = Field(
         "gradient_boosting", description="Estimator for framework sklearn (ignored for xgboost)."
     )
@@ -202,17 +202,46 @@ class EvaluationSpec(Strict):
 
 
 class Gates(Strict):
-    max_error_rate: float = Field(0.01, ge=0.0, le=1.0)
-    max_p99_latency_ms: float = Field(250.0, gt=0.0)
-    min_requests: int = Field(20, ge=1)
+    """Checked on the challenger's own traffic at the end of every canary step (Flagger/Argo-style analysis)."""
+
+    max_error_rate: float = Field(0.01, ge=0.0, le=1.0, description="Highest share of failed requests.")
+    max_p99_latency_ms: float = Field(250.0, gt=0.0, description="Highest p99 latency in milliseconds.")
+    max_p99_latency_ratio: float | None = Field(
+        None, gt=0.0, le=100.0,
+        description="Highest challenger p99 / champion p99 (same step, or the last step the champion served); "
+        "null: off.",
+    )
+    max_prediction_shift: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Highest two-sample Kolmogorov-Smirnov statistic between the challenger's and the "
+        "champion's predictions; null: off.",
+    )
+    min_requests: int = Field(20, ge=1, description="Requests the challenger must serve in each step.")
 
 
 class DeploymentSpec(Strict):
     target: Literal["gateway", "kserve"] = "gateway"
-    canary_traffic: float = Field(0.2, gt=0.0, le=1.0, description="Share of traffic the challenger gets while baking.")
-    bake_time: str = Field("20s", description="How long the canary bakes before its gates are checked.")
+    canary_traffic: float = Field(
+        0.2, gt=0.0, le=1.0,
+        description="Share of traffic the challenger gets while baking (the single step when steps is unset).",
+    )
+    steps: list[Annotated[float, Field(gt=0.0, le=1.0)]] | None = Field(
+        None, min_length=1, max_length=10,
+        description="Challenger traffic share per canary step, increasing, e.g. [0.1, 0.5, 1.0]; "
+        "default: [canary_traffic].",
+    )
+    bake_time: str = Field("20s", description="How long each canary step bakes before its gates are checked.")
     gates: Gates = Field(default_factory=Gates)
-    auto_rollback: bool = True
+    auto_rollback: bool = Field(
+        True, description="Roll back as soon as a gate fails; false: hold the step's traffic and fail the task "
+        "for a person to promote or abort from the control DAG.",
+    )
+    resources: Resources = Field(
+        default_factory=lambda: Resources(cpu="1", memory="1Gi"),
+        description="Serving container resources (target kserve).",
+    )
+    min_replicas: int = Field(1, ge=0, le=100, description="Serving replicas at least (target kserve).")
+    max_replicas: int = Field(3, ge=1, le=100, description="Serving replicas at most (target kserve).")
 
     @field_validator("bake_time")
     @classmethod
@@ -221,11 +250,58 @@ class DeploymentSpec(Strict):
             raise ValueError("bake_time above 24h")
         return v
 
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"steps must increase strictly, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _replicas(self) -> DeploymentSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
+        return self
+
+    @property
+    def traffic_steps(self) -> list[float]:
+        """The challenger's traffic share per step."""
+        return list(self.steps) if self.steps else [self.canary_traffic]
+
+
+DriftMethod = Literal["ks", "chisquare", "z", "wasserstein", "jensenshannon", "psi", "kl_div", "hellinger",
+                      "anderson", "cramer_von_mises", "mannw", "t_test", "ed", "es", "empirical_mmd", "g_test",
+                      "fisher_exact", "TVD"]
+
+
+class ColumnDrift(Strict):
+    """Per-column drift test; unset fields keep Evidently's choice for the column's type and size."""
+
+    method: DriftMethod | None = Field(None, description="Evidently stat test, e.g. psi, ks, wasserstein, jensenshannon.")
+    threshold: float | None = Field(
+        None, gt=0.0, description="Drift when the score is above it (distances, psi) or the p-value below it (tests)."
+    )
+
 
 class MonitoringSpec(Strict):
     schedule: str | None = Field("@daily", description="When the drift monitor runs on its own.")
     drift_threshold: float = Field(0.3, gt=0.0, le=1.0, description="Share of drifted columns that counts as drift.")
     retrain_on_drift: bool = True
+    columns: dict[Column, ColumnDrift] = Field(
+        default_factory=dict, max_length=500,
+        description="Per-column drift method and threshold, e.g. {monthly_charges: {method: psi, threshold: 0.2}}.",
+    )
+    cooldown: str = Field("6h", description="Minimum time between two drift-triggered retrains, e.g. 6h.")
+    max_retrains_per_day: int = Field(2, ge=0, le=48, description="At most this many drift-triggered retrains in 24h.")
+    prediction_window: str = Field(
+        "1d", description="Window of the gateway prediction log used as current data when the gateway logs predictions."
+    )
+
+    @field_validator("cooldown", "prediction_window")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        duration_seconds(v)
+        return v
 
 
 class PipelineBody(Strict):
@@ -301,6 +377,19 @@ class TenantBody(Strict):
     quotas: Quotas
     data: TenantData
     connections: list[str] = Field(default_factory=list, description="Airflow connection ids the tenant's specs may name.")
+    alerts: TenantAlerts | None = Field(None, description="Where drift, rejected-retrain and rollback alerts go.")
+
+
+class TenantAlerts(Strict):
+    webhook_connection: str | None = Field(
+        None, max_length=200, description="Airflow connection of a generic JSON webhook (its host is the URL)."
+    )
+    events: list[Literal["drift", "retrain_rejected", "rollback"]] = Field(
+        default_factory=lambda: ["drift", "retrain_rejected", "rollback"], description="Which events are sent."
+    )
+
+
+TenantBody.model_rebuild()
 
 
 class TenantMetadata(Strict):

@@ -1,47 +1,73 @@
-"""Deploy stage: a canary on the embedded gateway, then promote or roll back with MLflow aliases.
+"""Deploy stage: a stepped canary (``mlplatform.stages.canary_state``), then promote or roll back.
 
-The challenger bakes next to the champion while held-out rows are replayed through the gateway over
-real HTTP; its gates (requests, error rate, p99 latency) are checked on the challenger's own traffic.
-The decision is recorded as model version tags, so a retry after promotion does not redeploy.
+Embedded target: the challenger is served next to the champion by an in-process gateway on loopback while
+held-out rows are replayed through it over real HTTP at a bounded rate; each step's gates are checked on
+that step's own traffic. The state machine's state is recorded in MLflow, so a retry after promotion does
+not redeploy and a retry after a crash mid-canary resumes at the recorded step.
+
+The bake blocks the worker slot (it has to: the embedded gateway and its replayed traffic live in the task's
+process). A deferrable bake needs traffic that outlives the task, i.e. the standalone gateway or KServe.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mlplatform.spec.model import Gates, duration_seconds
+from mlplatform.spec.model import duration_seconds
 from mlplatform.stages import registry
-from mlplatform.stages.context import RunContext
+from mlplatform.stages.canary_state import (  # noqa: F401 - re-exported for callers of the old module
+    CANARY_TAG,
+    GATES_TAG,
+    REASON_TAG,
+    RUN_TAG,
+    CanaryHeld,
+    CanaryMachine,
+    CanaryState,
+    check_gates,
+)
+from mlplatform.stages.context import RunContext, StageFailed
+
+log = logging.getLogger(__name__)
 
 REPLAY_THREADS = 4
+REPLAY_RPS = 300.0  # bounded load: replayed requests per second over all threads
 MAX_REPLAY_ROWS = 10_000
 REQUEST_TIMEOUT_S = 10.0
-CANARY_TAG = "mlplatform.canary"
-GATES_TAG = "mlplatform.canary_gates"
-REASON_TAG = "mlplatform.canary_reason"
-RUN_TAG = "mlplatform.dag_run_id"
 
 
-def canary_deploy(ctx: RunContext, registered: dict, features: dict) -> dict:
+def task_actor(ctx: RunContext) -> str:
+    return f"airflow:{ctx.dag_id}/canary_deploy/{ctx.run_id}"
+
+
+def canary_deploy(ctx: RunContext, registered: dict, features: dict, *, traffic: Any = None,
+                  after_step: Callable[[int, CanaryState], None] | None = None) -> dict:
     """Promote ``registered["version"]`` to champion, through a canary when a champion exists.
 
     ``previous_version`` is the ``previous`` alias after the decision (the replaced champion on promotion).
+    ``traffic`` replaces the embedded gateway (tests, KServe); ``after_step`` runs after each passed step.
     """
     client = registry.client(ctx)
     name, version = registered["model_name"], str(registered["version"])
     aliases = _aliases(client, name)
     champion = aliases.get("champion")
+    machine = CanaryMachine(client, name, version, actor=task_actor(ctx), run_id=ctx.run_id,
+                            audit_file=ctx.artifact_dir / "canary-audit.jsonl")
+    state = machine.load()
     if champion == version:
         result = _already_promoted(client, name, version, aliases)
-    elif champion is None or ctx.params.get("skip_canary"):
-        result = _promote_now(ctx, client, name, version, champion,
+    elif state is not None and state.state in ("promoted", "rolled_back", "aborted", "promoting"):
+        result = machine.result(state) if state.state != "promoting" else machine.promote(state, "promoted", None)
+    elif champion is None or (ctx.params.get("skip_canary") and state is None):
+        result = _promote_now(ctx, machine, champion,
                               "promoted_first" if champion is None else "promoted_skip_canary")
     else:
-        result = _run_canary(ctx, client, name, version, champion, features)
-    (ctx.artifact_dir / "canary.json").write_text(json.dumps(result, indent=2))
+        result = _run_canary(ctx, machine, champion, features, traffic, after_step)
+    (ctx.artifact_dir / "canary.json").write_text(json.dumps(result, indent=2, default=str))
     return result
 
 
@@ -52,26 +78,18 @@ def promote_without_canary(ctx: RunContext, registered: dict) -> dict:
     aliases = _aliases(client, name)
     if aliases.get("champion") == version:
         return _already_promoted(client, name, version, aliases)
-    return _promote_now(ctx, client, name, version, aliases.get("champion"), "promoted_batch")
+    machine = CanaryMachine(client, name, version, actor=task_actor(ctx), run_id=ctx.run_id)
+    return _promote_now(ctx, machine, aliases.get("champion"), "promoted_batch")
 
 
-def _promote_now(ctx: RunContext, client: Any, name: str, version: str, champion: str | None, decision: str) -> dict:
-    result = _result(decision, version, champion, version)
-    _record(ctx, client, name, version, result)
-    _promote(client, name, version, champion)
-    return result
+def _promote_now(ctx: RunContext, machine: CanaryMachine, champion: str | None, decision: str) -> dict:
+    st = machine.load() or CanaryState("pending", 0, [], champion, ctx.run_id)
+    result = machine.promote(st, decision, None)
+    return {**result, "champion_version": machine.version, "previous_version": champion}
 
 
 def _aliases(client: Any, name: str) -> dict[str, str]:
     return {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items()}
-
-
-def _result(decision: str, champion: str, previous: str | None, challenger: str, **extra: Any) -> dict:
-    base = {"gates": None, "champion_stats": None, "bake_seconds": 0, "gateway_url": None}
-    return {
-        "decision": decision, "champion_version": champion, "previous_version": previous,
-        "challenger_version": challenger, **base, **extra,
-    }
 
 
 def _already_promoted(client: Any, name: str, version: str, aliases: dict[str, str]) -> dict:
@@ -82,49 +100,76 @@ def _already_promoted(client: Any, name: str, version: str, aliases: dict[str, s
     recorded = tags.get(CANARY_TAG, "")
     decision = recorded if recorded.startswith("promoted") else "promoted"
     gates = json.loads(tags[GATES_TAG]) if GATES_TAG in tags else None
-    return _result(decision, version, aliases.get("previous"), version, gates=gates)
+    return {"decision": decision, "state": "promoted", "champion_version": version,
+            "previous_version": aliases.get("previous"), "challenger_version": version, "gates": gates,
+            "champion_stats": None, "bake_seconds": 0, "gateway_url": None}
 
 
-def _promote(client: Any, name: str, version: str, old_champion: str | None) -> None:
-    if old_champion is not None:
-        client.set_registered_model_alias(name, "previous", old_champion)
-    client.set_registered_model_alias(name, "champion", version)
-    if _aliases(client, name).get("challenger") is not None:
-        client.delete_registered_model_alias(name, "challenger")
-
-
-def _record(ctx: RunContext, client: Any, name: str, version: str, result: dict) -> None:
-    """Tag the version with the decision first, so a retry after the alias move reads it back."""
-    tags = {CANARY_TAG: result["decision"], RUN_TAG: ctx.run_id}
-    if result["gates"] is not None:
-        tags[GATES_TAG] = json.dumps(result["gates"])
-        if result["gates"]["failed"]:
-            tags[REASON_TAG] = "; ".join(result["gates"]["failed"])[:4000]
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-
-
-def _run_canary(ctx: RunContext, client: Any, name: str, version: str, champion: str, features: dict) -> dict:
-    from mlplatform.serving.gateway import CHALLENGER, CHAMPION, GatewayServer, Route, RoutingTable, create_app
-
+def _run_canary(ctx: RunContext, machine: CanaryMachine, champion: str, features: dict, traffic: Any,
+                after_step: Callable | None) -> dict:
     deployment = ctx.spec.spec.deployment
-    client.set_registered_model_alias(name, "challenger", version)
-    rows = _holdout_rows(features)
-    routes = RoutingTable({name: Route(champion, version, deployment.canary_traffic)})
-    app = create_app(ctx.config.tracking_uri, routes, ctx.artifact_dir / "predictions")
-    with GatewayServer(app) as server:
-        bake_seconds = _replay(server.url, name, rows, duration_seconds(deployment.bake_time))
-        stats = server.gateway.stats(name)
-    gates = check_gates(stats[CHALLENGER], deployment.gates)
-    if gates["passed"]:
-        result = _result("promoted", version, champion, version, gates=gates)
-    else:
-        result = _result("rolled_back", champion, _aliases(client, name).get("previous"), version, gates=gates)
-    result.update(champion_stats=stats[CHAMPION], bake_seconds=bake_seconds, gateway_url=server.url)
-    _record(ctx, client, name, version, result)
-    if gates["passed"]:
-        _promote(client, name, version, champion)
-    return result
+    if traffic is None:
+        if deployment.target == "kserve":
+            traffic = _kserve_traffic(ctx, machine, champion)
+        else:
+            traffic = EmbeddedTraffic(ctx, machine.name, champion, machine.version, _holdout_rows(features))
+    try:
+        return machine.run(deployment, champion, traffic, duration_seconds(deployment.bake_time), after_step)
+    except CanaryHeld as exc:
+        raise StageFailed(str(exc)) from None
+    finally:
+        traffic.close()
+
+
+def _kserve_traffic(ctx: RunContext, machine: CanaryMachine, champion: str):
+    """KServe: the InferenceService carries the canary; gate figures come from Prometheus."""
+    from mlplatform.k8s.kserve import PROMETHEUS_CONN_ID, KServeTraffic, kserve_target, prometheus_fetch, storage_uri
+
+    deployer, manifest_for = kserve_target(ctx, machine.client, machine.name)
+    if deployer.get() is None:  # first canary since the target changed: serve the champion first
+        deployer.apply(manifest_for(champion))
+    return KServeTraffic(
+        deployer, prometheus_fetch(PROMETHEUS_CONN_ID),
+        challenger_storage=storage_uri(machine.client, machine.name, machine.version),
+        challenger_version=machine.version,
+        champion_storage=storage_uri(machine.client, machine.name, champion), champion_version=champion)
+
+
+class EmbeddedTraffic:
+    """An in-process gateway serving champion + challenger, with held-out rows replayed through it."""
+
+    def __init__(self, ctx: RunContext, name: str, champion: str, challenger: str, rows: list[dict[str, Any]],
+                 rps: float = REPLAY_RPS, threads: int = REPLAY_THREADS):
+        self.ctx, self.name, self.champion, self.challenger = ctx, name, champion, challenger
+        self.rows, self.rps, self.threads = rows, rps, threads
+        self.server = None
+        self.url: str | None = None
+
+    def _ensure_server(self, share: float):
+        if self.server is None:
+            from mlplatform.serving.gateway import GatewayServer, Route, RoutingTable, create_app
+
+            routes = RoutingTable({self.name: Route(self.champion, self.challenger, share)})
+            app = create_app(self.ctx.config.tracking_uri, routes, self.ctx.artifact_dir / "predictions")
+            self.server = GatewayServer(app).__enter__()
+            self.url = self.server.url
+        return self.server
+
+    def set_share(self, share: float) -> None:
+        if self.server is not None:
+            self.server.set_route(self.name, self.champion, self.challenger if share > 0 else None, share)
+
+    def bake(self, share: float, seconds: int) -> tuple[dict[str, dict[str, Any]], float]:
+        server = self._ensure_server(share)
+        server.set_route(self.name, self.champion, self.challenger, share)
+        server.gateway.reset_stats(self.name)
+        baked = replay(server.url, self.name, self.rows, seconds, self.rps, self.threads)
+        return server.gateway.stats(self.name, with_predictions=True), baked
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
 
 
 def _holdout_rows(features: dict) -> list[dict[str, Any]]:
@@ -136,38 +181,33 @@ def _holdout_rows(features: dict) -> list[dict[str, Any]]:
     return frame.head(MAX_REPLAY_ROWS).to_dict("records")
 
 
-def _replay(url: str, name: str, rows: list[dict[str, Any]], bake_seconds: int) -> float:
-    """Send single-row requests from a few threads until the bake time is over; returns seconds baked."""
+def replay(url: str, name: str, rows: list[dict[str, Any]], bake_seconds: float, rps: float = REPLAY_RPS,
+           threads: int = REPLAY_THREADS, headers: dict[str, str] | None = None) -> float:
+    """Single-row requests from a few threads at about ``rps`` in total until the bake is over."""
     import httpx
 
     tenant, _, pipeline = name.partition(".")
     endpoint = f"{url}/v1/models/{tenant}/{pipeline}:predict"
     started = time.monotonic()
     deadline = started + bake_seconds
+    interval = threads / rps if rps > 0 else 0.0
 
     def worker(offset: int) -> None:
-        with httpx.Client(timeout=REQUEST_TIMEOUT_S) as http:
+        with httpx.Client(timeout=REQUEST_TIMEOUT_S, headers=headers) as http:
             i = offset
+            next_at = time.monotonic() + offset * interval / threads
             while time.monotonic() < deadline:
-                http.post(endpoint, json={"inputs": rows[i % len(rows)]})
-                i += REPLAY_THREADS
+                pause = next_at - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+                next_at += interval
+                try:
+                    http.post(endpoint, json={"inputs": rows[i % len(rows)]})
+                except httpx.HTTPError:
+                    pass  # a timeout is the challenger's problem, counted by the gateway when it answers
+                i += threads
 
-    with ThreadPoolExecutor(REPLAY_THREADS, thread_name_prefix="canary-replay") as pool:
-        for future in [pool.submit(worker, n) for n in range(REPLAY_THREADS)]:
+    with ThreadPoolExecutor(threads, thread_name_prefix="canary-replay") as pool:
+        for future in [pool.submit(worker, n) for n in range(threads)]:
             future.result()
     return round(time.monotonic() - started, 2)
-
-
-def check_gates(stats: dict[str, Any], gates: Gates) -> dict[str, Any]:
-    """The challenger's gate verdict from its gateway stats."""
-    failed = []
-    if stats["requests"] < gates.min_requests:
-        failed.append(f"requests {stats['requests']} < min_requests {gates.min_requests}")
-    if stats["error_rate"] > gates.max_error_rate:
-        failed.append(f"error_rate {stats['error_rate']:.4f} > max_error_rate {gates.max_error_rate}")
-    if stats["p99_ms"] is not None and stats["p99_ms"] > gates.max_p99_latency_ms:
-        failed.append(f"p99 {stats['p99_ms']:.1f}ms > max_p99_latency_ms {gates.max_p99_latency_ms}")
-    return {
-        "requests": stats["requests"], "errors": stats["errors"], "error_rate": stats["error_rate"],
-        "p99_ms": stats["p99_ms"], "passed": not failed, "failed": failed,
-    }

@@ -1,0 +1,1 @@
+"""Deferrable waits (run in the Airflow triggerer)."""
