@@ -22,7 +22,8 @@ def dags(platform):
 
 
 def test_every_example_spec_becomes_a_dag(dags):
-    assert sorted(dags) == ["acme__churn-baseline", "acme__churn-xgb", "acme__deployments", "globex__upsell"]
+    assert sorted(dags) == ["acme__churn-baseline", "acme__churn-baseline__monitor", "acme__churn-xgb",
+                            "acme__churn-xgb__monitor", "acme__deployments", "globex__upsell", "globex__upsell__monitor"]
 
 
 def test_standard_template_is_a_seven_stage_chain(dags):
@@ -62,8 +63,9 @@ def test_schedule_is_cron_or_drift_asset(dags):
     timetable = dags["acme__churn-xgb"].timetable
     assert isinstance(timetable, AssetOrTimeSchedule)
     assert timetable.asset_condition == drift_asset("acme", "churn-xgb")
-    outlets = dags["acme__churn-xgb"].get_task("drift_monitor").outlets
-    assert [o.name for o in outlets] == ["acme__churn-xgb__drift__alias"]
+    assert dags["acme__churn-xgb"].get_task("drift_monitor").outlets == []  # the monitor DAG emits, with cooldowns
+    monitor = dags["acme__churn-xgb__monitor"]
+    assert [o.name for t in monitor.tasks for o in t.outlets] == ["acme__churn-xgb__drift__monitor"]
 
 
 def test_trigger_form_params(dags):
@@ -131,12 +133,16 @@ def test_task_worker_parses_only_its_own_spec(platform, monkeypatch):
 
     copy_example_specs(platform.specs_dir)
     write_spec(platform.specs_dir, "globex", "broken", "kind: [\n")
-    everything = {"acme__churn_xgb", "acme__churn_baseline", "globex__upsell", "globex__broken", "acme__deployments"}
+    everything = {"acme__churn_xgb", "acme__churn_baseline", "globex__upsell", "globex__broken", "acme__deployments",
+                  "acme__churn_xgb__monitor", "acme__churn_baseline__monitor", "globex__upsell__monitor"}
     assert set(load_dags()) == everything
+    own = {"acme__churn_xgb", "acme__churn_xgb__monitor", "acme__deployments"}
     monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "acme__churn-xgb")
-    assert set(load_dags()) == {"acme__churn_xgb", "acme__deployments"}
+    assert set(load_dags()) == own
+    monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "acme__churn-xgb__monitor")
+    assert set(load_dags()) == own
     monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "acme__deployments")
-    assert set(load_dags()) == {"acme__churn_xgb", "acme__churn_baseline", "acme__deployments"}
+    assert set(load_dags()) == {n for n in everything if n.startswith("acme__")}
     monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "globex__broken")
     assert set(load_dags()) == {"globex__broken"}
     monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "someone__elses_dag")

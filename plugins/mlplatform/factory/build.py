@@ -10,8 +10,10 @@ from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable
 from mlplatform.config import PlatformConfig
 from mlplatform.factory.control import build_control_dags
 from mlplatform.factory.docs import broken_doc_md, spec_doc_md
+from mlplatform.factory.monitor import build_monitor_dag, monitor_dag_id
 from mlplatform.factory.params import trigger_params
-from mlplatform.operators.stages import STAGE_OPERATORS, DriftMonitorOperator, SpecErrorOperator
+from mlplatform.notify import stage_alert_callback
+from mlplatform.operators.stages import STAGE_OPERATORS, SpecErrorOperator
 from mlplatform.spec.loader import BrokenSpec, Catalog, LoadedSpec
 from mlplatform.spec.model import duration_seconds
 from mlplatform.spec.template import PipelineTemplate
@@ -100,9 +102,10 @@ def build_dag(loaded: LoadedSpec, catalog: Catalog, config: PlatformConfig) -> D
                 kwargs.update(pool=tenant.gpu_pool, pool_slots=gpu)
         if node.name == "register":
             extra["promote"] = not template.has("canary_deploy")
-        if node.name == "drift_monitor":
-            extra["drift_asset"] = asset = drift_asset(md.tenant, md.name)
-            kwargs["outlets"] = [DriftMonitorOperator.drift_alias(asset)]
+        if node.name in ("evaluate", "canary_deploy"):
+            alert = stage_alert_callback(tenant, md.name, node.name)  # rejected-retrain / rollback alerts
+            if alert is not None:
+                kwargs["on_success_callback"] = alert
         task = STAGE_OPERATORS[node.name].for_spec(spec=spec, tenant=tenant, spec_sha256=loaded.sha256,
                                                    extra=extra, **kwargs)
         task.dag = dag
@@ -143,6 +146,11 @@ def build_all(catalog: Catalog, config: PlatformConfig) -> dict[str, DAG]:
             broken = BrokenSpec(loaded.path, loaded.display, loaded.spec.metadata.tenant,
                                 loaded.spec.metadata.name, [problem])
             dags[broken.dag_id] = build_broken_dag(broken)
+            continue
+        try:
+            dags[monitor_dag_id(loaded)] = build_monitor_dag(loaded, catalog, config)
+        except Exception:  # the pipeline DAG stays; only its monitor is missing until fixed
+            log.exception("building the monitor DAG of %s failed", loaded.dag_id)
     for broken in catalog.broken:
         if broken.dag_id not in dags:
             dags[broken.dag_id] = build_broken_dag(broken)

@@ -13,6 +13,7 @@ from airflow.sdk import get_parsing_context
 from mlplatform.config import PlatformConfig, get_config
 from mlplatform.factory.build import build_all
 from mlplatform.factory.control import control_dag_id
+from mlplatform.factory.monitor import MONITOR_SUFFIX
 from mlplatform.spec.loader import SPEC_SUFFIXES, load_catalog
 
 
@@ -32,6 +33,7 @@ def spec_files_for(dag_id: str | None, config: PlatformConfig) -> list[Path] | N
     if dag_id == control_dag_id(tenant):  # the tenant's control DAG needs all of that tenant's specs
         folder = config.specs_dir / tenant
         return sorted(p for p in folder.iterdir() if p.suffix in SPEC_SUFFIXES) if folder.is_dir() else None
+    name = name.removesuffix(MONITOR_SUFFIX)  # a pipeline's monitor DAG is built from the same spec
     files = [config.specs_dir / tenant / f"{name}{suffix}" for suffix in SPEC_SUFFIXES]
     found = [f for f in files if f.is_file()]
     return found or None

@@ -6,7 +6,7 @@ import json
 import logging
 from typing import Any
 
-from airflow.sdk import AssetAlias, BaseOperator
+from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowSkipException
 
 from mlplatform.operators.base import StageOperator
@@ -138,16 +138,14 @@ class CanaryDeployOperator(StageOperator):
 
 
 class DriftMonitorOperator(StageOperator):
-    """Evidently drift between the training snapshot and the newest partition; emits the drift Asset."""
+    """Evidently drift between the training snapshot and the newest partition: a report, no trigger.
+
+    Drift-triggered retraining comes from the pipeline's monitor DAG (``<dag_id>__monitor``), which applies
+    the cooldown and the daily cap before it emits the drift Asset.
+    """
 
     stage = "drift_monitor"
     upstream_stages = ("features",)
-
-    drift_asset = None  # set by the factory; events go through ``drift_alias`` so no drift emits nothing
-
-    @staticmethod
-    def drift_alias(asset) -> AssetAlias:
-        return AssetAlias(name=f"{asset.name}__alias")
 
     def run(self, ctx, upstream, context):
         from mlplatform.stages.drift import compute_drift, summary_lines
@@ -158,16 +156,8 @@ class DriftMonitorOperator(StageOperator):
         for line in summary_lines(result):
             log.info("%s", line)
         result["event_emitted"] = False
-        if result["drift_detected"] and ctx.spec.spec.monitoring.retrain_on_drift:
-            dag_run = context.get("dag_run")
-            if getattr(dag_run, "run_type", None) == "asset_triggered":
-                log.info("drift found, but this run was itself triggered by drift: no new event (no retrain loop)")
-            else:
-                context["outlet_events"][self.drift_alias(self.drift_asset)].add(
-                    self.drift_asset, extra={"drift_share": result["drift_share"], "run_id": ctx.run_id}
-                )
-                result["event_emitted"] = True
-                log.info("drift above threshold: emitted asset event %s", self.drift_asset.name)
+        if result["drift_detected"]:
+            log.info("drift found; retraining is requested by the monitor DAG %s__monitor, not here", ctx.dag_id)
         return result
 
 

@@ -22,16 +22,33 @@ def compute_drift(ctx: RunContext, reference: Path, current_files: list[Path], f
         raise StageFailed(f"no stored training snapshot for the champion of {ctx.dag_id}: {reference} does not "
                           "exist, so there is nothing to compare the current data with; run the pipeline's "
                           "training once to store one")
+    return drift_between(ctx.spec, [reference], current_files, feature_columns, ctx.artifact_dir)
+
+
+def drift_between(spec, reference_files: list[Path], current_files: list[Path], feature_columns: list[str],
+                  out_dir: Path, prefix: str = "drift_report") -> dict:
+    """Evidently drift of ``current_files`` against ``reference_files``; writes ``<prefix>.html``/``.json``.
+
+    Per-column methods and thresholds come from ``spec.monitoring.columns``; other columns keep Evidently's
+    defaults (KS / chi-square below 1,000 reference rows, Wasserstein / Jensen-Shannon above).
+    """
     if not current_files:
         raise StageFailed("no current partition files to check for drift")
     if not feature_columns:
         raise StageFailed("no feature columns to check for drift")
-    threshold = ctx.spec.spec.monitoring.drift_threshold
-    keys = [ctx.spec.spec.data.entity, ctx.spec.spec.data.timestamp]
-    ref, cur = _read([reference], keys, feature_columns), _read(current_files, keys, feature_columns)
+    monitoring = spec.spec.monitoring
+    threshold = monitoring.drift_threshold
+    unknown = sorted(set(getattr(monitoring, "columns", {}) or {}) - set(feature_columns))
+    if unknown:
+        raise StageFailed(f"spec.monitoring.columns names {', '.join(unknown)}, which are not feature columns "
+                          f"(features: {', '.join(feature_columns)})")
+    methods, thresholds = column_options(monitoring)
+    keys = [spec.spec.data.entity, spec.spec.data.timestamp]
+    ref, cur = _read(reference_files, keys, feature_columns), _read(current_files, keys, feature_columns)
     entity, timestamp = (k if k in ref.columns and k in cur.columns else None for k in keys)
-    snapshot = _run_report(ref, cur, feature_columns, entity, timestamp, threshold)
-    html, json_path = ctx.artifact_dir / "drift_report.html", ctx.artifact_dir / "drift_report.json"
+    snapshot = _run_report(ref, cur, feature_columns, entity, timestamp, threshold, methods, thresholds)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    html, json_path = out_dir / f"{prefix}.html", out_dir / f"{prefix}.json"
     snapshot.save_html(str(html))  # Evidently silently writes nothing when given a Path
     text = snapshot.json()
     json_path.write_text(text)
@@ -40,7 +57,19 @@ def compute_drift(ctx: RunContext, reference: Path, current_files: list[Path], f
     share = len(drifted) / len(columns) if columns else 0.0
     return {"drift_share": share, "drift_detected": share >= threshold, "threshold": threshold,
             "drifted_columns": drifted, "columns_tested": len(columns), "html": str(html), "json": str(json_path),
-            "reference_rows": len(ref), "current_rows": len(cur)}
+            "reference_rows": len(ref), "current_rows": len(cur),
+            "columns": [{k: c[k] for k in ("column", "method", "score", "threshold", "drifted")} for c in columns]}
+
+
+def column_options(monitoring) -> tuple[dict[str, str], dict[str, float]]:
+    """(per-column method, per-column threshold) from ``monitoring.columns`` (only the fields set)."""
+    methods, thresholds = {}, {}
+    for name, opts in (getattr(monitoring, "columns", None) or {}).items():
+        if opts.method is not None:
+            methods[name] = opts.method
+        if opts.threshold is not None:
+            thresholds[name] = float(opts.threshold)
+    return methods, thresholds
 
 
 def summary_lines(result: dict) -> list[str]:
@@ -70,7 +99,8 @@ def _read(files: list[Path], keys: list[str], features: list[str]):
     return pd.concat(frames, ignore_index=True)
 
 
-def _run_report(ref, cur, features: list[str], entity: str | None, timestamp: str | None, threshold: float):
+def _run_report(ref, cur, features: list[str], entity: str | None, timestamp: str | None, threshold: float,
+                methods: dict[str, str] | None = None, thresholds: dict[str, float] | None = None):
     """Run ``DataDriftPreset`` on the features; column types are inferred once, from the reference."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
@@ -83,7 +113,9 @@ def _run_report(ref, cur, features: list[str], entity: str | None, timestamp: st
     ref_data = Dataset.from_pandas(ref[keys + features], data_definition=definition)
     # The same definition for both: inferred per frame, a small int column could be categorical in one only.
     cur_data = Dataset.from_pandas(cur[keys + features], data_definition=ref_data.data_definition)
-    report = Report([DataDriftPreset(columns=features, drift_share=threshold)], include_tests=True)
+    preset = DataDriftPreset(columns=features, drift_share=threshold, per_column_method=methods or None,
+                             per_column_threshold=thresholds or None)
+    report = Report([preset], include_tests=True)
     return report.run(cur_data, ref_data)
 
 

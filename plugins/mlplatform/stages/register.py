@@ -60,7 +60,29 @@ def version_tags(ctx: RunContext, train_result: dict, evaluation: dict, lineage:
     }
     for key, value in lineage.items():
         tags[f"mlplatform.lineage.{key}"] = value if isinstance(value, str) else json.dumps(value, default=str)
+    reference = reference_uri(ctx, lineage)
+    if reference:
+        tags[REFERENCE_TAG] = reference
     return tags
+
+
+REFERENCE_TAG = "mlplatform.reference_uri"
+
+
+def reference_uri(ctx: RunContext, lineage: dict | None = None) -> str | None:
+    """Where this run's training-set snapshot (the drift monitor's reference data) is stored, if anywhere.
+
+    ``lineage["train_path"]`` when the caller passes it, else the features stage's ``train.parquet`` in this
+    run's artifact folder. A local path becomes a ``file://`` URI; ``s3://`` URIs are kept.
+    """
+    from pathlib import Path
+
+    value = (lineage or {}).get("train_path")
+    if value and str(value).startswith("s3://"):
+        return str(value)
+    path = Path(value) if value else ctx.config.artifact_dir(ctx.spec.metadata.tenant, ctx.spec.metadata.name,
+                                                             ctx.run_key) / "train.parquet"
+    return path.resolve().as_uri() if path.is_file() else None
 
 
 def find_version(client, name: str, run_key: str) -> str | None:

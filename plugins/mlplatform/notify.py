@@ -1,0 +1,172 @@
+"""Alerts to a tenant's channel through Airflow notifiers: drift, a rejected retrain, a rollback.
+
+The channel is the tenant file's ``spec.alerts.webhook_connection``: an Airflow connection whose ``host`` is
+the webhook URL (``http(s)://...``; or host + port + schema + ``extra.path``), with optional
+``extra.headers`` and a password sent as a bearer token. The body is one JSON object::
+
+    {"source": "mlplatform", "event": "drift", "tenant": "acme", "pipeline": "churn-xgb",
+     "dag_id": ..., "run_id": ..., "task_id": ..., "message": "...", "details": {...}, "sent_at": "..."}
+
+Slack or email go through their providers' notifiers in the same callbacks; this module needs none of them.
+Imports nothing heavy: it is used at DAG-parse time to attach callbacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+from airflow.sdk import BaseNotifier
+
+log = logging.getLogger(__name__)
+
+EVENTS = ("drift", "retrain_rejected", "rollback")
+TIMEOUT_S = 10.0
+
+
+def webhook_target(connection_id: str) -> tuple[str, dict[str, str]]:
+    """(URL, headers) of a webhook connection."""
+    from airflow.sdk import BaseHook
+
+    conn = BaseHook.get_connection(connection_id)
+    extra = conn.extra_dejson or {}
+    host = (conn.host or "").strip()
+    if extra.get("url"):
+        url = str(extra["url"])
+    elif host.startswith(("http://", "https://")):
+        url = host
+    elif host:
+        scheme = conn.schema if conn.schema in ("http", "https") else ("https" if conn.conn_type == "https" else "http")
+        port = f":{conn.port}" if conn.port else ""
+        url = f"{scheme}://{host}{port}/{str(extra.get('path', '')).lstrip('/')}"
+    else:
+        raise ValueError(f"connection {connection_id!r} has no host or extra.url: cannot tell where to post")
+    headers = {"Content-Type": "application/json", **{str(k): str(v) for k, v in (extra.get("headers") or {}).items()}}
+    if conn.password:
+        headers.setdefault("Authorization", f"Bearer {conn.password}")
+    return url, headers
+
+
+def alert_payload(event: str, tenant: str, pipeline: str, message: str, details: dict | None,
+                  context: dict | None = None) -> dict[str, Any]:
+    context = context or {}
+    ti = context.get("ti")
+    return {
+        "source": "mlplatform",
+        "event": event,
+        "tenant": tenant,
+        "pipeline": pipeline,
+        "dag_id": getattr(ti, "dag_id", None) or getattr(context.get("dag"), "dag_id", None),
+        "run_id": context.get("run_id") or getattr(ti, "run_id", None),
+        "task_id": getattr(ti, "task_id", None),
+        "message": message,
+        "details": details or {},
+        "sent_at": datetime.now(timezone.utc).isoformat(),
+    }
+
+
+class WebhookNotifier(BaseNotifier):
+    """Posts one JSON alert to the generic webhook of an Airflow connection.
+
+    Use as a callback (``on_failure_callback=WebhookNotifier(...)``) or call it with a task's context.
+    """
+
+    template_fields = ("message",)
+
+    def __init__(self, *, connection_id: str, event: str, tenant: str, pipeline: str, message: str = "",
+                 details: dict | None = None, timeout: float = TIMEOUT_S):
+        super().__init__()
+        if event not in EVENTS:
+            raise ValueError(f"unknown alert event {event!r}; use one of {', '.join(EVENTS)}")
+        self.connection_id = connection_id
+        self.event = event
+        self.tenant = tenant
+        self.pipeline = pipeline
+        self.message = message
+        self.details = details or {}
+        self.timeout = timeout
+
+    def payload(self, context: dict) -> dict[str, Any]:
+        return alert_payload(self.event, self.tenant, self.pipeline, self.message, self.details, context)
+
+    def notify(self, context: dict) -> None:
+        import httpx
+
+        url, headers = webhook_target(self.connection_id)
+        body = json.dumps(self.payload(context), default=str)
+        response = httpx.post(url, content=body, headers=headers, timeout=self.timeout)
+        response.raise_for_status()
+        log.info("alert %s sent to connection %s (HTTP %s)", self.event, self.connection_id, response.status_code)
+
+
+def tenant_channel(tenant: Any, event: str) -> str | None:
+    """The tenant's webhook connection id when it wants ``event`` alerts, else None."""
+    alerts = getattr(tenant.spec, "alerts", None)
+    if alerts is None or not alerts.webhook_connection or event not in alerts.events:
+        return None
+    return alerts.webhook_connection
+
+
+def send_alert(tenant: Any, pipeline: str, event: str, message: str, details: dict | None, context: dict) -> bool:
+    """Send one alert to the tenant's channel; never raises (an alert outage must not fail the pipeline)."""
+    connection_id = tenant_channel(tenant, event)
+    if connection_id is None:
+        log.info("no %s alert channel configured for tenant %s", event, tenant.name)
+        return False
+    try:
+        WebhookNotifier(connection_id=connection_id, event=event, tenant=tenant.name, pipeline=pipeline,
+                        message=message, details=details)(dict(context))
+        return True
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        log.warning("could not send the %s alert to connection %s: %s", event, connection_id, exc)
+        return False
+
+
+class StageOutcomeNotifier(BaseNotifier):
+    """An ``on_success_callback`` for the evaluate and canary_deploy tasks of a training DAG.
+
+    Reads the task's own result (XCom ``return_value``) and alerts on ``decision == "rejected"`` (evaluate)
+    or ``decision == "rolled_back"`` (canary_deploy); any other outcome sends nothing.
+    """
+
+    def __init__(self, *, tenant: Any, pipeline: str):
+        super().__init__()
+        self.tenant = tenant
+        self.pipeline = pipeline
+
+    @staticmethod
+    def event_for(task_id: str, result: dict | None) -> tuple[str, str] | None:
+        """(event, message) for a stage result that deserves an alert."""
+        if not isinstance(result, dict):
+            return None
+        decision = result.get("decision")
+        if task_id == "evaluate" and decision == "rejected":
+            return "retrain_rejected", f"retrained model rejected: {result.get('reason', '')}"
+        if task_id == "canary_deploy" and decision == "rolled_back":
+            failed = "; ".join((result.get("gates") or {}).get("failed") or [])
+            return "rollback", (f"canary of version {result.get('challenger_version')} rolled back; champion stays "
+                                f"{result.get('champion_version')}" + (f" ({failed})" if failed else ""))
+        return None
+
+    def notify(self, context: dict) -> None:
+        ti = context.get("ti")
+        if ti is None:
+            return
+        found = self.event_for(ti.task_id, ti.xcom_pull(task_ids=ti.task_id))
+        if found is None:
+            return
+        event, message = found
+        result = ti.xcom_pull(task_ids=ti.task_id) or {}
+        details = {k: result.get(k) for k in ("decision", "reason", "metric", "value", "champion_value",
+                                              "champion_version", "challenger_version", "gates") if k in result}
+        send_alert(self.tenant, self.pipeline, event, message, details, context)
+
+
+def stage_alert_callback(tenant: Any, pipeline: str, task_id: str) -> StageOutcomeNotifier | None:
+    """The callback to attach to ``task_id`` of a training DAG, or None when nothing would be sent."""
+    wanted = {"evaluate": "retrain_rejected", "canary_deploy": "rollback"}.get(task_id)
+    if wanted is None or tenant_channel(tenant, wanted) is None:
+        return None
+    return StageOutcomeNotifier(tenant=tenant, pipeline=pipeline)

@@ -1,0 +1,14 @@
+#!/bin/sh
+# Installs Debian's chromium for tests/test_report_browser.py when /usr/bin/chromium is missing.
+# Run by that test's session fixture (needs root, as in the dev container); does nothing when present.
+set -eu
+if [ -x /usr/bin/chromium ]; then
+    exit 0
+fi
+if [ "$(id -u)" != "0" ]; then
+    echo "setup_browser.sh: /usr/bin/chromium is missing and this is not root; run: sudo apt-get install -y chromium" >&2
+    exit 2
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core
