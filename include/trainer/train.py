@@ -10,6 +10,14 @@ from AWS_ENDPOINT_URL); a rerun of the same configuration (same data fingerprint
 hyperparameters) resumes from the latest checkpoint with the remaining rounds instead of starting over,
 so a preempted or evicted pod loses at most one checkpoint interval. MLPLATFORM_TEST_STOP_AFTER_ROUNDS=K
 (tests only) SIGKILLs the process right after the first checkpoint at or after round K.
+
+PyTorch (MLPLATFORM_FRAMEWORK=pytorch, torch an optional dependency): a tabular MLP binary classifier on
+standardised features (mean and scale from the training split only), on CUDA when torch sees a GPU, else
+on the CPU. It checkpoints the same way, counted in epochs: every MLPLATFORM_CHECKPOINT_EVERY epochs the
+network, optimizer and random-number states go to MLPLATFORM_CHECKPOINT_DIR, a rerun resumes from the
+latest one, and MLPLATFORM_TEST_STOP_AFTER_ROUNDS=K counts epochs. The model is logged as an MLflow pyfunc
+(models-from-code, weights loaded with ``weights_only``, no pickle) whose ``predict`` returns P(label=1)
+as a 1-D float array.
 """
 
 from __future__ import annotations
@@ -35,6 +43,10 @@ SKLEARN_MODELS = {
 }
 DEFAULT_CHECKPOINT_EVERY = 25
 DEFAULT_XGB_ROUNDS = 100  # XGBClassifier's n_estimators when the spec does not set it
+FRAMEWORKS = ("xgboost", "sklearn", "pytorch")
+# PyTorch MLP hyperparameters and their defaults (the only names accepted for framework pytorch).
+TORCH_DEFAULTS = {"hidden_units": 64, "layers": 2, "epochs": 20, "lr": 1e-3, "batch_size": 128,
+                  "weight_decay": 0.0, "dropout": 0.0, "seed": 0}
 # Types skops does not trust by default but that our tree estimators contain.
 SKOPS_TRUSTED_TYPES = ["sklearn.tree._tree.Tree"]
 
@@ -95,8 +107,8 @@ def read_config() -> dict:
         "checkpoint_every": positive_int("MLPLATFORM_CHECKPOINT_EVERY", DEFAULT_CHECKPOINT_EVERY),
         "test_stop_after_rounds": positive_int("MLPLATFORM_TEST_STOP_AFTER_ROUNDS", 0),
     }
-    if cfg["framework"] not in ("xgboost", "sklearn"):
-        raise ConfigError(f"MLPLATFORM_FRAMEWORK={cfg['framework']!r}: expected xgboost or sklearn")
+    if cfg["framework"] not in FRAMEWORKS:
+        raise ConfigError(f"MLPLATFORM_FRAMEWORK={cfg['framework']!r}: expected xgboost, sklearn or pytorch")
     if cfg["framework"] == "sklearn" and cfg["model"] not in SKLEARN_MODELS:
         raise ConfigError(f"MLPLATFORM_MODEL={cfg['model']!r}: expected one of {', '.join(SKLEARN_MODELS)}")
     return cfg
@@ -167,6 +179,22 @@ def build_estimator(cfg: dict):
             cuda = False
         estimator = xgboost.XGBClassifier(device="cuda" if cuda else "cpu", eval_metric="logloss", random_state=0)
         check_names(estimator, hp, "xgboost")
+    elif cfg["framework"] == "pytorch":
+        params = torch_hyperparameters(hp)  # names and values first: a bad spec fails without importing torch
+        started = time.perf_counter()
+        try:
+            import torch
+        except ImportError:
+            raise ConfigError("framework pytorch needs torch, which is not installed in this environment "
+                              "(the trainer image has it; locally `make setup` installs it when available)") from None
+        estimator = TorchTabularClassifier(params, "cuda" if torch.cuda.is_available() else "cpu")
+        if not os.environ.get("OMP_NUM_THREADS"):
+            # Small batches gain nothing from intra-op threads, and torch's default (every core of the node,
+            # not the pod's CPU limit) oversubscribes: 20x slower measured on a loaded 2-core machine.
+            torch.set_num_threads(1)
+        print(f"torch {torch.__version__} imported in {time.perf_counter() - started:.2f}s; training on "
+              f"{estimator.device} ({torch.get_num_threads()} cpu thread(s); OMP_NUM_THREADS sets more)", flush=True)
+        return estimator, estimator.device
     else:
         module, cls, defaults = SKLEARN_MODELS[cfg["model"]]
         estimator = getattr(importlib.import_module(module), cls)(**defaults)
@@ -266,9 +294,10 @@ class CheckpointStore:
             return None
         return model, int(meta["rounds"])
 
-    def save(self, booster, rounds: int, key: str) -> None:
+    def save(self, booster, rounds: int, key: str, suffix: str = "ubj") -> None:
+        """``booster`` is anything with ``save_model(path)``: an xgboost booster or a ``TorchCheckpoint``."""
         self.scratch.mkdir(parents=True, exist_ok=True)
-        name = f"model-{rounds:06d}.ubj"
+        name = f"model-{rounds:06d}.{suffix}"
         local = self.scratch / name
         booster.save_model(str(local))
         self._write(name, local)
@@ -284,6 +313,19 @@ class CheckpointStore:
                 self._delete(previous)
             except Exception as exc:  # a leftover file is harmless
                 print(f"could not delete old checkpoint {previous}: {exc}", flush=True)
+
+
+def open_checkpoints(cfg: dict) -> CheckpointStore | None:
+    """The checkpoint store of MLPLATFORM_CHECKPOINT_DIR, or None when unset, disabled or not writable."""
+    if not (cfg["checkpoint_dir"] and cfg["checkpoint_every"] > 0):
+        return None
+    store = CheckpointStore(cfg["checkpoint_dir"], cfg["scratch"])
+    try:
+        store.check_writable()
+    except Exception as exc:  # e.g. a worker-local path inside a pod: train, just without checkpoints
+        print(f"checkpointing disabled: {cfg['checkpoint_dir']} is not writable ({exc})", flush=True)
+        return None
+    return store
 
 
 def checkpoint_key(cfg: dict) -> str:
@@ -318,14 +360,7 @@ def fit_xgboost(cfg: dict, estimator, X, y) -> dict:
     total = int(cfg["hyperparameters"].get("n_estimators") or estimator.get_params().get("n_estimators")
                 or DEFAULT_XGB_ROUNDS)
     info = {"resumed_from_round": 0, "boosted_rounds": total}
-    store = None
-    if cfg["checkpoint_dir"] and cfg["checkpoint_every"] > 0:
-        store = CheckpointStore(cfg["checkpoint_dir"], cfg["scratch"])
-        try:
-            store.check_writable()
-        except Exception as exc:  # e.g. a worker-local path inside a pod: train, just without checkpoints
-            print(f"checkpointing disabled: {cfg['checkpoint_dir']} is not writable ({exc})", flush=True)
-            store = None
+    store = open_checkpoints(cfg)
     if store is None:
         estimator.fit(X, y)
         return info
@@ -348,6 +383,224 @@ def fit_xgboost(cfg: dict, estimator, X, y) -> dict:
     return info
 
 
+# --- pytorch ------------------------------------------------------------------------------------------
+
+def torch_hyperparameters(hp: dict) -> dict:
+    """TORCH_DEFAULTS overridden by ``hp``; unknown names and out-of-range values are ConfigErrors."""
+    unknown = sorted(set(hp) - set(TORCH_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown hyperparameter {unknown[0]!r} for pytorch; valid names: "
+                          f"{', '.join(sorted(TORCH_DEFAULTS))}")
+    params = dict(TORCH_DEFAULTS)
+    for name, value in hp.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"pytorch hyperparameter {name}={value!r} must be a number")
+        if isinstance(TORCH_DEFAULTS[name], int):
+            if float(value) != int(value):
+                raise ConfigError(f"pytorch hyperparameter {name}={value!r} must be an integer")
+            value = int(value)
+        params[name] = value if isinstance(TORCH_DEFAULTS[name], int) else float(value)
+    for name in ("hidden_units", "layers", "epochs", "batch_size"):
+        if params[name] < 1:
+            raise ConfigError(f"pytorch hyperparameter {name}={params[name]} must be at least 1")
+    if params["lr"] <= 0 or params["weight_decay"] < 0 or not 0 <= params["dropout"] < 1 or params["seed"] < 0:
+        raise ConfigError("pytorch hyperparameters need lr > 0, weight_decay >= 0, 0 <= dropout < 1, seed >= 0")
+    return params
+
+
+def build_mlp(n_features: int, hidden_units: int, layers: int, dropout: float):
+    """The network: ``layers`` x (Linear, ReLU[, Dropout]) then Linear to one logit.
+
+    Its source is also written into the logged model's code file, so training and serving build the same
+    network from the same definition.
+    """
+    from torch import nn
+
+    blocks, width = [], n_features
+    for _ in range(layers):
+        blocks += [nn.Linear(width, hidden_units), nn.ReLU()]
+        if dropout:
+            blocks.append(nn.Dropout(dropout))
+        width = hidden_units
+    blocks.append(nn.Linear(width, 1))
+    return nn.Sequential(*blocks)
+
+
+PYFUNC_MODEL_SOURCE = '''"""MLflow pyfunc model written by the mlplatform trainer (include/trainer/train.py): a tabular MLP.
+
+predict(DataFrame) returns P(label=1) per row as a 1-D float64 numpy array. The weights, the feature
+columns and the standardisation come from the artifact "state" (torch.save of tensors and plain values,
+loaded with weights_only=True); the network is always evaluated on the CPU.
+"""
+
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
+
+
+{build_mlp}
+
+
+class TabularMLPClassifier(PythonModel):
+    def load_context(self, context):
+        state = torch.load(context.artifacts["state"], map_location="cpu", weights_only=True)
+        self.features = list(state["features"])
+        self.mean = state["mean"].numpy()
+        self.scale = state["scale"].numpy()
+        self.net = build_mlp(len(self.features), **state["architecture"])
+        self.net.load_state_dict(state["model"])
+        self.net.eval()
+
+    def predict(self, context, model_input, params=None):
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        x = (frame[self.features].to_numpy(dtype="float64") - self.mean) / self.scale
+        with torch.no_grad():
+            logits = self.net(torch.as_tensor(x, dtype=torch.float32))
+        return torch.sigmoid(logits).reshape(-1).to(torch.float64).numpy()
+
+
+set_model(TabularMLPClassifier())
+'''
+
+
+class TorchCheckpoint:
+    """What a pytorch checkpoint holds (network, optimizer, RNG states, epoch), saved like a booster."""
+
+    def __init__(self, payload: dict):
+        self.payload = payload
+
+    def save_model(self, path: str) -> None:
+        import torch
+
+        torch.save(self.payload, path)
+
+
+class TorchTabularClassifier:
+    """A scikit-learn-like wrapper (fit, predict_proba, predict) around the MLP, for the trainer only."""
+
+    def __init__(self, params: dict, device: str):
+        self.params = params
+        self.device = device
+        self.features: list[str] = []
+        self.net = None
+
+    def _scaled(self, X):
+        import numpy as np
+
+        return (X[self.features].to_numpy(dtype=np.float64) - self.mean) / self.scale
+
+    def fit(self, X, y, store: CheckpointStore | None = None, key: str = "", every: int = 0,
+            stop_after: int = 0) -> dict:
+        """Train (resuming from the store's latest checkpoint for ``key``); returns progress metrics."""
+        import numpy as np
+        import torch
+
+        p, device = self.params, torch.device(self.device)
+        self.features = list(X.columns)
+        self.mean = X.to_numpy(dtype=np.float64).mean(axis=0)
+        scale = X.to_numpy(dtype=np.float64).std(axis=0)
+        self.scale = np.where(scale > 0, scale, 1.0)  # a constant column stays constant (0), not NaN
+        torch.manual_seed(p["seed"])
+        net = build_mlp(len(self.features), p["hidden_units"], p["layers"], p["dropout"]).to(device)
+        optimizer = torch.optim.Adam(net.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+        shuffle = torch.Generator().manual_seed(p["seed"])
+        x = torch.as_tensor(self._scaled(X), dtype=torch.float32, device=device)
+        target = torch.as_tensor(y.to_numpy(), dtype=torch.float32, device=device).reshape(-1, 1)
+        loss_fn = torch.nn.BCEWithLogitsLoss()
+        total, done = p["epochs"], 0
+
+        found = store.latest(key) if store is not None else None
+        if found is not None and found[1] < total:
+            state = torch.load(found[0], map_location="cpu", weights_only=True)
+            net.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            shuffle.set_state(state["shuffle_rng"])
+            torch.set_rng_state(state["cpu_rng"])
+            if device.type == "cuda" and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"])
+            done = found[1]
+            print(f"resumed from checkpoint at epoch {done} of {total} ({store.location}): "
+                  f"{total - done} epochs to go", flush=True)
+
+        rows, batch, epoch_loss = len(x), p["batch_size"], float("nan")
+        for epoch in range(done, total):
+            net.train()
+            order = torch.randperm(rows, generator=shuffle).to(device)
+            summed = torch.zeros((), device=device)
+            for start in range(0, rows, batch):
+                index = order[start:start + batch]
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(net(x[index]), target[index])
+                loss.backward()
+                optimizer.step()
+                summed += loss.detach() * len(index)
+            epoch_loss = float(summed) / rows
+            epochs = epoch + 1
+            if store is not None and epochs % every == 0 and epochs < total:
+                started = time.perf_counter()
+                payload = {"epoch": epochs, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                           "shuffle_rng": shuffle.get_state(), "cpu_rng": torch.get_rng_state()}
+                if device.type == "cuda":
+                    payload["cuda_rng"] = torch.cuda.get_rng_state()
+                store.save(TorchCheckpoint(payload), epochs, key, suffix="pt")
+                print(f"checkpoint saved at epoch {epochs}/{total} to {store.location} "
+                      f"in {time.perf_counter() - started:.2f}s", flush=True)
+                if stop_after and epochs >= stop_after:
+                    print(f"MLPLATFORM_TEST_STOP_AFTER_ROUNDS={stop_after}: killing the trainer", flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)
+        self.net = net.to("cpu").eval()  # evaluate and log on the CPU whatever it trained on
+        return {"resumed_from_epoch": done, "epochs": total, "train_loss": epoch_loss}
+
+    def predict_proba(self, X):
+        import numpy as np
+        import torch
+
+        with torch.no_grad():
+            logits = self.net(torch.as_tensor(self._scaled(X), dtype=torch.float32))
+        p1 = torch.sigmoid(logits).reshape(-1).to(torch.float64).numpy()
+        return np.column_stack([1.0 - p1, p1])
+
+    def predict(self, X):
+        return (self.predict_proba(X)[:, 1] >= 0.5).astype("int64")
+
+    def export_state(self) -> dict:
+        """What the logged pyfunc model loads (see PYFUNC_MODEL_SOURCE)."""
+        import torch
+
+        p = self.params
+        return {"features": self.features, "mean": torch.as_tensor(self.mean), "scale": torch.as_tensor(self.scale),
+                "architecture": {"hidden_units": p["hidden_units"], "layers": p["layers"], "dropout": p["dropout"]},
+                "model": self.net.state_dict()}
+
+
+def fit_torch(cfg: dict, estimator: TorchTabularClassifier, X, y) -> dict:
+    store = open_checkpoints(cfg)
+    return estimator.fit(X, y, store=store, key=checkpoint_key(cfg) if store else "",
+                         every=cfg["checkpoint_every"], stop_after=cfg["test_stop_after_rounds"])
+
+
+def log_torch_model(cfg: dict, estimator: TorchTabularClassifier, sample, pip_requirements: list[str]):
+    """Log as a models-from-code pyfunc: the code file (PYFUNC_MODEL_SOURCE) plus the state artifact."""
+    import inspect
+
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    folder = Path(tempfile.mkdtemp(prefix="torch-model-", dir=cfg["scratch"]))
+    state = folder / "state.pt"
+    torch.save(estimator.export_state(), state)
+    code = folder / "mlplatform_tabular_mlp.py"
+    code.write_text(PYFUNC_MODEL_SOURCE.replace("{build_mlp}", inspect.getsource(build_mlp)))
+    return mlflow.pyfunc.log_model(
+        name="model", python_model=str(code), artifacts={"state": str(state)},
+        signature=infer_signature(sample, estimator.predict_proba(sample)[:, 1]), input_example=sample,
+        pip_requirements=pip_requirements,
+    )
+
+
 def holdout_metrics(estimator, X, y) -> dict[str, float]:
     from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 
@@ -362,11 +615,12 @@ def holdout_metrics(estimator, X, y) -> dict[str, float]:
 
 
 def pinned(*dists: str) -> list[str]:
-    """``name==version`` of each installed distribution (skips ones not installed)."""
+    """``name==version`` of each installed distribution (skips ones not installed). A local version label
+    is dropped (torch ``2.13.0+cpu`` pins ``torch==2.13.0``, which the CPU and CUDA wheels both satisfy)."""
     pins = []
     for dist in dists:
         try:
-            pins.append(f"{dist}=={metadata.version(dist)}")
+            pins.append(f"{dist}=={metadata.version(dist).split('+')[0]}")
         except metadata.PackageNotFoundError:
             pass
     return pins
@@ -378,12 +632,15 @@ def log_model(cfg: dict, estimator, X):
     from mlflow.models import infer_signature
 
     sample = X.head(5)
+    started = time.perf_counter()
+    if cfg["framework"] == "pytorch":
+        info = log_torch_model(cfg, estimator, sample, pinned("mlflow", "torch", "pandas", "numpy"))
+        return info, time.perf_counter() - started
     common = {
         "name": "model",
         "signature": infer_signature(sample, estimator.predict(sample)),
         "input_example": sample,
     }
-    started = time.perf_counter()
     if cfg["framework"] == "xgboost":
         estimator.set_params(device="cpu")  # serve on CPU whatever it trained on
         info = mlflow.xgboost.log_model(
@@ -426,6 +683,8 @@ def train(cfg: dict) -> dict:
     started = time.perf_counter()
     if cfg["framework"] == "xgboost":
         progress = fit_xgboost(cfg, estimator, X, y)
+    elif cfg["framework"] == "pytorch":
+        progress = fit_torch(cfg, estimator, X, y)
     else:
         estimator.fit(X, y)
         progress = {}
@@ -439,8 +698,10 @@ def train(cfg: dict) -> dict:
     exp_id = experiment_id(cfg)
     tags = {**cfg["tags"], "mlplatform.data_fingerprint": cfg["fingerprint"], "mlplatform.framework": cfg["framework"]}
     with mlflow.start_run(experiment_id=exp_id, run_name=cfg["run_name"], tags=tags) as run:
-        mlflow.log_params({**cfg["hyperparameters"], "framework": cfg["framework"], "device": device,
-                           "model": cfg["model"] if cfg["framework"] == "sklearn" else "xgb_classifier",
+        model = {"sklearn": cfg["model"], "xgboost": "xgb_classifier", "pytorch": "tabular_mlp"}[cfg["framework"]]
+        # pytorch: every hyperparameter with its default filled in (the MLP's defaults are ours, not a library's)
+        hyperparameters = estimator.params if cfg["framework"] == "pytorch" else cfg["hyperparameters"]
+        mlflow.log_params({**hyperparameters, "framework": cfg["framework"], "device": device, "model": model,
                            "n_features": len(cfg["features"]), "data_fingerprint": cfg["fingerprint"]})
         mlflow.log_metrics({**metrics, "train_rows": len(X), "holdout_rows": len(X_holdout),
                             "fit_seconds": fit_seconds, **progress})

@@ -25,7 +25,7 @@ def spec_doc_md(loaded: LoadedSpec, tenant: TenantFile, template: PipelineTempla
         "|---|---|",
         f"| Data | `{b.data.source}` · entity `{b.data.entity}` · timestamp `{b.data.timestamp}` · label `{b.data.label}` |",
         f"| Validation | {len(b.validation.expectations)} expectations, at least {b.validation.min_rows} rows |",
-        f"| Training | {t.framework}{'' if t.framework == 'xgboost' else ' ' + t.model} · {hp} |",
+        f"| Training | {t.framework}{' ' + t.model if t.framework == 'sklearn' else ''} · {hp} |",
         f"| Resources | cpu {res.cpu} · memory {res.memory} · gpu {res.gpu} (pool `{tenant.gpu_pool if res.gpu else tenant.cpu_pool}`) |",
         f"| Evaluation | {e.metric} ≥ {e.minimum}, beat champion by {e.margin_over_champion} |",
         f"| Deployment | {d.target} · canary {d.canary_traffic:.0%} for {d.bake_time} · max error rate {d.gates.max_error_rate}"

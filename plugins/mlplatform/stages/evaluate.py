@@ -55,7 +55,8 @@ def evaluate_model(ctx: RunContext, train_result: dict, features: dict) -> dict[
 
 
 def load_classifier(model_uri: str):
-    """(native model with predict_proba, its signature's input columns or None) for a logged model."""
+    """(model with predict_proba, its signature's input columns or None) for a logged model: the native
+    xgboost/sklearn model, else its pyfunc whose predict must return P(label=1)."""
     import mlflow
 
     info = mlflow.models.get_model_info(model_uri)
@@ -64,7 +65,33 @@ def load_classifier(model_uri: str):
         return mlflow.xgboost.load_model(model_uri), columns
     if "sklearn" in info.flavors:
         return mlflow.sklearn.load_model(model_uri), columns
-    raise StageFailed(f"{model_uri} has neither an xgboost nor a sklearn flavor: {sorted(info.flavors)}")
+    if "python_function" in info.flavors:  # e.g. the trainer's pytorch MLP: predict returns P(label=1)
+        return PyfuncProbabilities(mlflow.pyfunc.load_model(model_uri)), columns
+    raise StageFailed(f"{model_uri} has no xgboost, sklearn or pyfunc flavor: {sorted(info.flavors)}")
+
+
+class PyfuncProbabilities:
+    """``predict_proba`` for a pyfunc model whose ``predict`` returns P(label=1) per row (1-D, or 2-D with
+    one column or the two class columns); anything else (e.g. labels outside [0, 1]) is a StageFailed."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def predict_proba(self, frame):
+        import numpy as np
+
+        out = self.model.predict(frame)
+        try:
+            p1 = np.asarray(out.to_numpy() if hasattr(out, "to_numpy") else out, dtype="float64")
+        except (TypeError, ValueError):
+            raise StageFailed(f"pyfunc model predictions are not numeric: {type(out).__name__}") from None
+        if p1.ndim == 2 and p1.shape[1] in (1, 2):
+            p1 = p1[:, -1]
+        if p1.shape != (len(frame),) or not np.all((p1 >= 0) & (p1 <= 1)):
+            seen = f"range {np.nanmin(p1):.3g}..{np.nanmax(p1):.3g}" if p1.size else "empty"
+            raise StageFailed(f"pyfunc model predictions are not one probability per row in [0, 1] "
+                              f"(shape {p1.shape}, {seen})")
+        return np.column_stack([1.0 - p1, p1])
 
 
 def score(model, holdout, columns: list[str], label: str, metric: str) -> float:
