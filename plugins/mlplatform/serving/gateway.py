@@ -183,7 +183,11 @@ def _pyfunc_predictor(model: Any) -> Predictor:
     import pandas as pd
 
     def predict(rows: list[dict[str, Any]]) -> list[Any]:
-        out = model.predict(pd.DataFrame.from_records(rows))
+        frame = pd.DataFrame.from_records(rows)
+        # JSON has no int/float distinction: a client's 3 for a float feature must not fail MLflow's schema check.
+        ints = frame.select_dtypes(include="integer").columns
+        frame[ints] = frame[ints].astype("float64")
+        out = model.predict(frame)
         return np.asarray(out.to_numpy() if hasattr(out, "to_numpy") else out).tolist()
 
     return predict
