@@ -149,36 +149,22 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix in SPEC_SUFFIXES and p.is_file())
 
 
-def load_tenants(config: PlatformConfig, catalog: Catalog) -> None:
-    for path in _files(config.tenants_dir):
-        display = _display(path, config)
+def _load_platform_files(folder: Path, model: type[BaseModel], kind: str, config: PlatformConfig,
+                         catalog: Catalog) -> dict[str, Any]:
+    """Tenant or template files of ``folder`` by name; problems go to the catalog, never raise."""
+    loaded: dict[str, Any] = {}
+    for path in _files(folder):
         try:
-            tenant, located = _load_model(path, display, TenantFile)
+            obj, located = _load_model(path, _display(path, config), model)
         except SpecError as exc:
             catalog.platform_problems.extend(exc.problems)
             continue
-        if tenant.name != path.stem:
-            catalog.platform_problems.append(
-                located.problem(("metadata", "name"), f"tenant name {tenant.name!r} must equal the file name {path.stem!r}")
-            )
+        if obj.metadata.name != path.stem:
+            catalog.platform_problems.append(located.problem(
+                ("metadata", "name"), f"{kind} name {obj.metadata.name!r} must equal the file name {path.stem!r}"))
             continue
-        catalog.tenants[tenant.name] = tenant
-
-
-def load_templates(config: PlatformConfig, catalog: Catalog) -> None:
-    for path in _files(config.templates_dir):
-        display = _display(path, config)
-        try:
-            template, located = _load_model(path, display, PipelineTemplate)
-        except SpecError as exc:
-            catalog.platform_problems.extend(exc.problems)
-            continue
-        if template.metadata.name != path.stem:
-            catalog.platform_problems.append(
-                located.problem(("metadata", "name"), f"template name must equal the file name {path.stem!r}")
-            )
-            continue
-        catalog.templates[template.metadata.name] = template
+        loaded[obj.metadata.name] = obj
+    return loaded
 
 
 def _display(path: Path, config: PlatformConfig) -> str:
@@ -196,8 +182,8 @@ def _display(path: Path, config: PlatformConfig) -> str:
 def load_catalog(config: PlatformConfig, only: list[Path] | None = None) -> Catalog:
     """Load everything; ``only`` restricts the specs checked (tenants and templates are always loaded)."""
     catalog = Catalog()
-    load_tenants(config, catalog)
-    load_templates(config, catalog)
+    catalog.tenants.update(_load_platform_files(config.tenants_dir, TenantFile, "tenant", config, catalog))
+    catalog.templates.update(_load_platform_files(config.templates_dir, PipelineTemplate, "template", config, catalog))
     paths = only if only is not None else spec_paths(config)
     seen: dict[str, str] = {}
     for path in paths:
