@@ -41,3 +41,33 @@ def write_spec(specs_dir: Path, tenant: str, name: str, text: str) -> Path:
 
 def copy_example_specs(specs_dir: Path) -> None:
     shutil.copytree(REPO / "dags" / "specs", specs_dir, dirs_exist_ok=True)
+
+
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def new_postgres_db():
+    """Factory: ``new_postgres_db(prefix)`` creates an empty database on 127.0.0.1:5432 and returns its
+    ``postgresql://`` URL; every database made is dropped (connections forced off) after the test."""
+    import uuid
+
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432: {exc}")
+    made: list[str] = []
+
+    def make(prefix: str = "mlplatform_test") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        admin.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+    try:
+        yield make
+    finally:
+        for name in made:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
