@@ -147,3 +147,19 @@ def test_task_worker_parses_only_its_own_spec(platform, monkeypatch):
     assert set(load_dags()) == {"globex__broken"}
     monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", "someone__elses_dag")
     assert set(load_dags()) == everything
+
+
+def test_standalone_gateway_makes_canary_bakes_deferrable(platform, monkeypatch):
+    """With MLPLATFORM_GATEWAY_URL the gateway-target canary defers its bakes; kserve and the default do not."""
+    import dataclasses
+
+    from mlplatform.operators.canary import DeferrableCanaryDeployOperator
+    from mlplatform.operators.stages import CanaryDeployOperator
+
+    copy_example_specs(platform.specs_dir)
+    catalog = load_catalog(platform)
+    assert type(build_all(catalog, platform)["acme__churn-xgb"].get_task("canary_deploy")) is CanaryDeployOperator
+    standalone = dataclasses.replace(platform, gateway_url="http://127.0.0.1:8000")
+    task = build_all(catalog, standalone)["acme__churn-xgb"].get_task("canary_deploy")
+    assert type(task) is DeferrableCanaryDeployOperator
+    assert task.execute_complete.__name__ == "execute_complete"

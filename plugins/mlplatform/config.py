@@ -34,6 +34,7 @@ class PlatformConfig:
     redis_url: str
     trainer_image: str
     git_commit: str
+    gateway_url: str = ""  # the standalone gateway; set: canary bakes defer on its real traffic
 
     @property
     def feast_root(self) -> Path:
@@ -60,6 +61,7 @@ def load_config() -> PlatformConfig:
         redis_url=_env("MLPLATFORM_REDIS_URL", "127.0.0.1:6379"),
         trainer_image=_env("MLPLATFORM_TRAINER_IMAGE", "mlplatform/trainer:0.1.0"),
         git_commit=_env("MLPLATFORM_GIT_COMMIT", ""),
+        gateway_url=_env("MLPLATFORM_GATEWAY_URL", "").rstrip("/"),
     )
 
 

@@ -86,12 +86,23 @@ class AirflowProcesses:
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for name in self.components:
-            args = ["api-server", "--port", self.env["AIRFLOW__API__PORT"], "--host", "127.0.0.1"] \
-                if name == "api-server" else [name]
-            log = open(self.log_dir / f"{name}.log", "ab")
+            self.spawn(name)
+        self.wait_for_api()
+
+    def spawn(self, name: str) -> None:
+        """Start one component (again, after ``kill``) in its own process group, logging to its file."""
+        args = ["api-server", "--port", self.env["AIRFLOW__API__PORT"], "--host", "127.0.0.1"] \
+            if name == "api-server" else [name]
+        with open(self.log_dir / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen([str(BIN / "airflow"), *args], env=self.env, stdout=log,
                                                 stderr=subprocess.STDOUT, start_new_session=True)
-        self.wait_for_api()
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one component's whole process group, as a crash or an OOM kill would."""
+        proc = self.procs[name]
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
     def wait_for_api(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout

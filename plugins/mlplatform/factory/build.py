@@ -13,6 +13,7 @@ from mlplatform.factory.docs import broken_doc_md, spec_doc_md
 from mlplatform.factory.monitor import build_monitor_dag, monitor_dag_id
 from mlplatform.factory.params import trigger_params
 from mlplatform.notify import stage_alert_callback
+from mlplatform.operators.canary import DeferrableCanaryDeployOperator
 from mlplatform.operators.stages import STAGE_OPERATORS, SpecErrorOperator
 from mlplatform.spec.loader import BrokenSpec, Catalog, LoadedSpec
 from mlplatform.spec.model import duration_seconds
@@ -106,13 +107,20 @@ def build_dag(loaded: LoadedSpec, catalog: Catalog, config: PlatformConfig) -> D
             alert = stage_alert_callback(tenant, md.name, node.name)  # rejected-retrain / rollback alerts
             if alert is not None:
                 kwargs["on_success_callback"] = alert
-        task = STAGE_OPERATORS[node.name].for_spec(spec=spec, tenant=tenant, spec_sha256=loaded.sha256,
+        task = _operator(node.name, body, config).for_spec(spec=spec, tenant=tenant, spec_sha256=loaded.sha256,
                                                    extra=extra, **kwargs)
         task.dag = dag
         for upstream in node.after:
             tasks[upstream] >> task
         tasks[node.name] = task
     return dag
+
+
+def _operator(stage: str, body, config: PlatformConfig) -> type:
+    """The stage's operator; with a standalone gateway configured, the canary bakes deferrably on its traffic."""
+    if stage == "canary_deploy" and config.gateway_url and body.deployment.target == "gateway":
+        return DeferrableCanaryDeployOperator
+    return STAGE_OPERATORS[stage]
 
 
 def build_broken_dag(broken: BrokenSpec) -> DAG:

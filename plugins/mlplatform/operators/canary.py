@@ -62,8 +62,9 @@ class DeferrableCanaryDeployOperator(StageOperator):
     Each step: the state machine moves the canary share in MLflow (the gateway follows it), the task defers to
     ``GatewayBakeTrigger`` for the bake time (no worker slot held while real traffic flows), then judges the
     step's gates in ``execute_complete`` and defers again for the next step, or decides. Crash-safe like the
-    blocking form: every resumption reads the state recorded in MLflow. Attributes ``gateway_url`` and
-    ``gateway_token`` (set with ``for_spec(extra=...)``) override the ``mlplatform_gateway`` connection.
+    blocking form: every resumption reads the state recorded in MLflow. The factory uses it when
+    ``MLPLATFORM_GATEWAY_URL`` is set; the bearer token is the ``mlplatform_gateway`` connection's password.
+    Attributes ``gateway_url`` and ``gateway_token`` (``for_spec(extra=...)``) override both.
     """
 
     stage = "canary_deploy"
@@ -71,15 +72,24 @@ class DeferrableCanaryDeployOperator(StageOperator):
     gateway_url: str | None = None
     gateway_token: str | None = None
 
-    def _gateway(self) -> tuple[str, str | None]:
-        if self.gateway_url:
-            return self.gateway_url, self.gateway_token
+    def _gateway(self, ctx) -> tuple[str, str | None]:
+        """(URL, bearer token): the attributes, else ``MLPLATFORM_GATEWAY_URL`` and the connection's password,
+        else the ``mlplatform_gateway`` connection alone."""
         from airflow.sdk import BaseHook
+        from airflow.sdk.exceptions import AirflowNotFoundException
 
-        conn = BaseHook.get_connection(GATEWAY_CONN_ID)
-        host = conn.host or ""
-        url = host if "://" in host else f"{conn.schema or 'http'}://{host}:{conn.port or 8000}"
-        return url, conn.password or None
+        try:
+            conn = BaseHook.get_connection(GATEWAY_CONN_ID)
+        except AirflowNotFoundException:
+            conn = None
+        url = self.gateway_url or ctx.config.gateway_url
+        if not url and conn is not None:
+            host = conn.host or ""
+            url = host if "://" in host else f"{conn.schema or 'http'}://{host}:{conn.port or 8000}"
+        if not url:
+            raise RuntimeError(f"no standalone gateway: set MLPLATFORM_GATEWAY_URL or the {GATEWAY_CONN_ID} "
+                               "connection")
+        return url, self.gateway_token or (conn.password if conn is not None else None) or None
 
     def _machine(self, ctx, registered):
         from mlplatform.stages import registry
@@ -112,7 +122,7 @@ class DeferrableCanaryDeployOperator(StageOperator):
                      value.get("champion_version"))
             return value
         step, share = value
-        url, token = self._gateway()
+        url, token = self._gateway(ctx)
         bake = duration_seconds(ctx.spec.spec.deployment.bake_time)
         log.info("canary step %d: %.0f%% of %s traffic to v%s; deferring for the %ss bake", step + 1, 100 * share,
                  machine.name, machine.version, bake)
