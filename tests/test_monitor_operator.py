@@ -134,3 +134,119 @@ def test_backfilled_reference_drift_policy_and_tags(setup):
 
     quiet, events = _run(op, "manual__3", as_of="2026-11-06")  # an undrifted day: nothing to do
     assert quiet["drift_detected"] is False and quiet["policy"] is None and events.added == []
+
+
+def _real_champion(config, snapshot: Path, features: list[str]):
+    """A logistic regression trained on the snapshot, registered as champion with eval_roc_auc on its run."""
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+    from sklearn.linear_model import LogisticRegression
+
+    frame = pd.read_parquet(snapshot)
+    model = LogisticRegression(max_iter=500).fit(frame[features].astype("float64"), frame["churned"])
+    mlflow.set_tracking_uri(config.tracking_uri)
+    mlflow.set_registry_uri(config.tracking_uri)
+    with mlflow.start_run() as run:
+        mlflow.log_metric("eval_roc_auc", 0.8)
+        info = mlflow.sklearn.log_model(model, name="model", registered_model_name=NAME, pip_requirements=[],
+                                        serialization_format="cloudpickle")
+    client = MlflowClient(config.tracking_uri, registry_uri=config.tracking_uri)
+    version = str(info.registered_model_version)
+    client.set_model_version_tag(NAME, version, "mlplatform.reference_uri", snapshot.resolve().as_uri())
+    client.set_registered_model_alias(NAME, "champion", version)
+    return client, version, run.info.run_id
+
+
+def test_prediction_drift_and_performance_on_labelled_partition(setup):
+    from mlplatform.stages.context import run_key
+
+    op = setup.dag.task_dict["drift_check"]
+    snapshot = _train_snapshot(setup.config, run_key("scheduled__real"))
+    features = op.spec.feature_columns(list(__import__("pandas").read_parquet(snapshot).columns))
+    client, version, _ = _real_champion(setup.config, snapshot, features)
+    result, _ = _run(op, "manual__p1")
+    assert result["current_source"] == "partition" and result["drift_detected"] is True
+    pred = result["prediction_drift"]
+    assert pred["column"] == "prediction" and isinstance(pred["score"], float) and Path(pred["html"]).is_file()
+    perf = result["performance"]
+    assert perf["metric"] == "roc_auc" and perf["at_evaluation"] == 0.8 and perf["rows"] > 100
+    assert 0.0 <= perf["value"] <= 1.0 and perf["change"] == pytest.approx(perf["value"] - 0.8)
+    tags = client.get_model_version(NAME, version).tags
+    assert tags["mlplatform.prediction_drift_report"] == pred["report_url"]
+    assert tags["mlplatform.live_performance"].startswith("roc_auc=")
+
+
+def test_prediction_log_window_is_the_current_data(setup):
+    """When the gateway logged enough requests in the window, they are the current data (no labels there)."""
+    from datetime import datetime, timedelta, timezone
+
+    import pandas as pd
+
+    from mlplatform.stages.context import run_key
+
+    op = setup.dag.task_dict["drift_check"]
+    snapshot = _train_snapshot(setup.config, run_key("scheduled__log"))
+    features = op.spec.feature_columns(list(pd.read_parquet(snapshot).columns))
+    _real_champion(setup.config, snapshot, features)
+    drifted = pd.read_parquet(sorted((setup.config.data_root / "acme" / "churn").glob("dt=*/*.parquet"))[-1])
+    log_dir = setup.config.home / "gateway" / "predictions"
+    log_dir.mkdir(parents=True)
+    now = datetime.now(timezone.utc)
+    with (log_dir / f"{NAME}.jsonl").open("w") as fh:
+        old = {"time": (now - timedelta(days=3)).isoformat(), "status": "ok", "variant": "champion",
+               "model_version": "1", "inputs": [{f: 0.0 for f in features}], "outputs": [0]}
+        fh.write(json.dumps(old) + "\n")  # outside the 1d window
+        for i, row in enumerate(drifted[features].head(120).to_dict("records")):
+            fh.write(json.dumps({"time": (now - timedelta(minutes=i)).isoformat(), "status": "ok",
+                                 "variant": "champion", "model_version": "1", "inputs": [row],
+                                 "outputs": [0]}) + "\n")
+        fh.write('{"time": "torn')  # the gateway mid-write
+    result, _ = _run(op, "manual__l1")
+    assert result["current_source"] == "prediction_log", result["current"]
+    assert result["current_rows"] == 120 and result["current"].startswith(f"predictions:{NAME}@")
+    assert result["drift_detected"] is True and result["performance"] is None
+    assert result["prediction_drift"]["column"] == "prediction"
+
+    dated, _ = _run(op, "manual__l2", as_of="2026-11-06")  # a chosen partition date overrides the window
+    assert dated["current_source"] == "partition" and dated["current"] == "acme/churn@dt=2026-11-06"
+
+
+def test_reports_go_to_s3_with_links_that_open(setup, monkeypatch):
+    """With MLPLATFORM_REPORTS_S3_URI the reports land in the object store (moto over HTTP on loopback) and
+    the task's and the model version's links are presigned URLs that serve the HTML."""
+    import boto3
+    import httpx
+    from moto.server import ThreadedMotoServer
+
+    from mlplatform.stages.context import run_key
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                           "MLPLATFORM_REPORTS_S3_URI": "s3://reports/monitor"}.items():
+            monkeypatch.setenv(key, value)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="reports")
+        op = setup.dag.task_dict["drift_check"]
+        snapshot = _train_snapshot(setup.config, run_key("scheduled__s3"))
+        import pandas as pd
+
+        client, version, _ = _real_champion(setup.config, snapshot,
+                                            op.spec.feature_columns(list(pd.read_parquet(snapshot).columns)))
+        result, _ = _run(op, "manual__s3")
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="reports")["Contents"]}
+        assert {k.rsplit("/", 1)[1] for k in keys} == {"drift_report.html", "drift_report.json",
+                                                       "prediction_drift.html"}
+        assert all(k.startswith("monitor/acme/churn-mon/monitor__") for k in keys), keys
+        page = httpx.get(result["report_url"])
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert page.content == Path(result["html"]).read_bytes()
+        assert client.get_model_version(NAME, version).tags["mlplatform.drift_report"] == result["report_url"]
+        assert httpx.get(result["prediction_drift"]["report_url"]).status_code == 200
+    finally:
+        server.stop()

@@ -4,6 +4,9 @@ Reference data is the training-set snapshot the champion was trained on (model v
 ``mlplatform.reference_uri``; for versions registered before that tag existed, the snapshot the run's
 features stage left in the artifact store, found through ``mlplatform.dag_run_id`` and then tagged). No
 champion or no snapshot: the task says so and succeeds with ``status`` ``no_champion`` / ``no_reference``.
+Current data is the gateway's prediction-log window, else the newest partition; the champion's prediction
+drift and (with labels) performance come with it (``mlplatform.stages.monitor_data``). Reports go to the
+artifact store (``mlplatform.reports``: local, or S3) and are linked from the task and the model version.
 
 On drift (and ``retrain_on_drift``) it asks the retrain policy (cooldown, daily cap, a retrain already
 running, same data) and only then emits the tenant-and-pipeline drift Asset through an AssetAlias, so a
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -29,25 +31,14 @@ REPORT_TAG = "mlplatform.drift_report"
 REPORT_JSON_TAG = "mlplatform.drift_report_json"
 CHECKED_TAG = "mlplatform.drift_checked_at"
 SHARE_TAG = "mlplatform.drift_share"
+PREDICTION_REPORT_TAG = "mlplatform.prediction_drift_report"
+PERFORMANCE_TAG = "mlplatform.live_performance"
 REFERENCE_BACKFILLED_TAG = "mlplatform.reference_backfilled"
 ROW_ID = "_mlp_row_id"
-REPORTS_BASE_URL_ENV = "MLPLATFORM_REPORTS_BASE_URL"
 
 
 def monitor_alias(asset) -> AssetAlias:
     return AssetAlias(name=f"{asset.name}__monitor")
-
-
-def report_url(artifact_root: str | Path, path: str | Path) -> str:
-    """A link to a report: under ``MLPLATFORM_REPORTS_BASE_URL`` when set (S3 website, proxy), else file://."""
-    path = Path(path).resolve()
-    base = os.environ.get(REPORTS_BASE_URL_ENV, "").strip()
-    if base:
-        try:
-            return f"{base.rstrip('/')}/{path.relative_to(Path(artifact_root).resolve()).as_posix()}"
-        except ValueError:
-            pass
-    return path.as_uri()
 
 
 class DriftReportLink(BaseOperatorLink):
@@ -114,15 +105,17 @@ class DriftCheckOperator(StageOperator):
                    f"The next training run stores one; or trigger {self.training_dag_id} now.")
             log.warning("NO REFERENCE: %s", msg)
             return {**base, "status": "no_reference", "message": msg}
-        current_files, current_id = self._current(ctx)
         features = self._features(ctx, Path(reference))
         out_dir = ctx.config.artifact_dir(md.tenant, md.name, f"monitor__{ctx.run_key}")
+        current_files, current_id, source = self._current(ctx, features, out_dir)
         result = drift_between(ctx.spec, [Path(reference)], current_files, features, out_dir)
         result.update({k: v for k, v in base.items() if k not in result}, status="checked", current=current_id,
-                      current_files=[str(f) for f in current_files])
-        result["report_url"] = self.report_link = report_url(ctx.config.artifact_root, result["html"])
-        result["report_json_url"] = self.report_json_link = report_url(ctx.config.artifact_root, result["json"])
-        for line in summary_lines(result):
+                      current_source=source, current_files=[str(f) for f in current_files])
+        result.update(self._model_checks(ctx, client, champion, Path(reference), current_files, features, out_dir))
+        self._publish(ctx, result)
+        from mlplatform.stages import monitor_data
+
+        for line in summary_lines(result) + monitor_data.summary_lines(result):
             log.info("%s", line)
         self._tag_champion(client, champion, result)
         if result["drift_detected"]:
@@ -164,11 +157,46 @@ class DriftCheckOperator(StageOperator):
                 return str(path.resolve()), "backfilled"
         return None, "missing"
 
-    def _current(self, ctx) -> tuple[list[Path], str]:
+    def _current(self, ctx, features: list[str], out_dir: Path) -> tuple[list[Path], str, str]:
+        """(files, id, source): the prediction log's window when the gateway logged enough, else the newest
+        partition."""
         from mlplatform.data.partitions import list_partitions, split_partitions
+        from mlplatform.serving.predlog import default_location
+        from mlplatform.spec.model import duration_seconds
+        from mlplatform.stages.monitor_data import current_from_prediction_log
 
+        if ctx.params.get("as_of") is None:  # a chosen partition date overrides the live window
+            window = timedelta(seconds=duration_seconds(ctx.spec.spec.monitoring.prediction_window))
+            logged = current_from_prediction_log(default_location(ctx.config.home), ctx.spec.model_name, window,
+                                                 datetime.now(timezone.utc), features, out_dir)
+            if logged is not None:
+                path, current_id, rows = logged
+                log.info("current data: %d rows the gateway served in the last %s", rows, window)
+                return [path], current_id, "prediction_log"
         _, current = split_partitions(list_partitions(ctx.spec.spec.data.source, ctx.config), ctx.as_of)
-        return list(current.files), f"{ctx.spec.spec.data.source}@dt={current.date}"
+        return list(current.files), f"{ctx.spec.spec.data.source}@dt={current.date}", "partition"
+
+    def _model_checks(self, ctx, client, champion, reference: Path, current_files: list[Path],
+                      features: list[str], out_dir: Path) -> dict:
+        """Prediction drift and (with labels) performance of the champion; a failure here is reported, not
+        raised: the feature-drift verdict stands on its own."""
+        import pandas as pd
+
+        from mlplatform.stages.monitor_data import champion_model, performance, prediction_drift
+
+        try:
+            model, columns = champion_model(ctx.spec.model_name, str(champion.version))
+            columns = columns or features
+            ref = pd.read_parquet(reference)
+            cur = pd.concat([pd.read_parquet(f) for f in current_files], ignore_index=True)
+            pred = prediction_drift(ctx.spec, model, columns, ref, cur, out_dir)
+            metric = f"eval_{ctx.spec.spec.evaluation.metric}"
+            champion_eval = client.get_run(champion.run_id).data.metrics.get(metric) if champion.run_id else None
+            return {"prediction_drift": pred, "performance": performance(ctx.spec, model, columns, cur, champion_eval)}
+        except Exception as exc:  # noqa: BLE001 - e.g. a champion whose model cannot load here
+            log.warning("prediction drift / performance not computed: %s: %s", type(exc).__name__, exc)
+            return {"prediction_drift": None, "performance": None,
+                    "model_checks_error": f"{type(exc).__name__}: {exc}"}
 
     def _features(self, ctx, reference: Path) -> list[str]:
         import pyarrow.parquet as pq
@@ -176,9 +204,25 @@ class DriftCheckOperator(StageOperator):
         names = [n for n in pq.read_schema(reference).names if n != ROW_ID]
         return ctx.spec.feature_columns(names)
 
+    def _publish(self, ctx, result: dict) -> None:
+        """Reports to the artifact store (S3 when configured); their links on the result and the task."""
+        from mlplatform.reports import publish
+
+        pred = result.get("prediction_drift")
+        links = publish(ctx.config.artifact_root, [result["html"], result["json"]] + ([pred["html"]] if pred else []))
+        result["report_url"] = self.report_link = links[result["html"]]
+        result["report_json_url"] = self.report_json_link = links[result["json"]]
+        if pred:
+            pred["report_url"] = links[pred["html"]]
+
     def _tag_champion(self, client, champion, result) -> None:
         tags = {REPORT_TAG: result["report_url"], REPORT_JSON_TAG: result["report_json_url"],
                 CHECKED_TAG: datetime.now(timezone.utc).isoformat(), SHARE_TAG: f"{result['drift_share']:.4f}"}
+        if result.get("prediction_drift"):
+            tags[PREDICTION_REPORT_TAG] = result["prediction_drift"]["report_url"]
+        if result.get("performance"):
+            perf = result["performance"]
+            tags[PERFORMANCE_TAG] = f"{perf['metric']}={perf['value']:.4f} on {perf['rows']} labelled rows"
         for key, value in tags.items():
             client.set_model_version_tag(result["model_name"], champion.version, key, value)
 
@@ -232,8 +276,8 @@ class DriftCheckOperator(StageOperator):
         message = (f"drift in {ctx.spec.metadata.tenant}/{ctx.spec.metadata.name}: share {result['drift_share']:.2f} "
                    f">= {result['threshold']:.2f}; {cols}; {retrain}")
         details = {k: result.get(k) for k in ("drift_share", "threshold", "drifted_columns", "columns_tested",
-                                              "current", "champion_version", "report_url", "event_emitted",
-                                              "policy")}
+                                              "current", "current_source", "champion_version", "report_url",
+                                              "event_emitted", "policy", "prediction_drift", "performance")}
         return send_alert(self.tenant, ctx.spec.metadata.name, "drift", message, details, context)
 
 

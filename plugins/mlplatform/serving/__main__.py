@@ -32,13 +32,13 @@ log = logging.getLogger("mlplatform.serving")
 
 def settings() -> dict:
     from mlplatform.config import load_config
+    from mlplatform.serving.predlog import default_location
 
     config = load_config()
     return {
         "host": os.environ.get("MLPLATFORM_GATEWAY_HOST", "").strip() or "127.0.0.1",
         "port": int(os.environ.get("MLPLATFORM_GATEWAY_PORT", "").strip() or 8000),
-        "prediction_log": os.environ.get("MLPLATFORM_PREDICTION_LOG_URL", "").strip()
-        or str(config.home / "gateway" / "predictions"),
+        "prediction_log": default_location(config.home),
         "tokens_file": config.home / "gateway" / "tokens.json",
         "tracking_uri": config.tracking_uri,
     }

@@ -182,3 +182,47 @@ def open_log(url_or_dir: str | Path) -> PredictionLog:
     if text.startswith(("postgresql://", "postgres://")):
         return PostgresLog(text)
     return JsonlLog(text)
+
+
+def default_location(home: str | Path) -> str:
+    """Where the standalone gateway logs: ``MLPLATFORM_PREDICTION_LOG_URL``, else ``<home>/gateway/predictions``."""
+    import os
+
+    return os.environ.get("MLPLATFORM_PREDICTION_LOG_URL", "").strip() or str(Path(home) / "gateway" / "predictions")
+
+
+def read_window(url_or_dir: str | Path, name: str, since, until) -> list[dict[str, Any]]:
+    """Successful entries of model ``name`` logged in ``[since, until)`` (aware datetimes), oldest first.
+
+    Each entry has ``time``, ``variant``, ``model_version``, ``inputs`` (list of row dicts) and ``outputs``.
+    A missing log (no gateway, or no request yet) is an empty window.
+    """
+    from datetime import datetime
+
+    text = str(url_or_dir)
+    if text.startswith(("postgresql://", "postgres://")):
+        import psycopg
+        from psycopg.rows import dict_row
+
+        try:
+            with psycopg.connect(text, connect_timeout=10, row_factory=dict_row) as conn:
+                rows = conn.execute(
+                    f"SELECT time, variant, model_version, inputs, outputs FROM {TABLE} WHERE model = %s "
+                    "AND status = 'ok' AND time >= %s AND time < %s ORDER BY time", (name, since, until)).fetchall()
+        except psycopg.errors.UndefinedTable:
+            return []
+        return [dict(r, time=r["time"].isoformat()) for r in rows]
+    path = Path(text) / f"{name}.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                entry = json.loads(line)
+                at = datetime.fromisoformat(entry["time"])
+            except (ValueError, KeyError):
+                continue  # a torn last line while the gateway writes
+            if entry.get("status") == "ok" and since <= at < until:
+                out.append(entry)
+    return out
