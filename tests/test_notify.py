@@ -108,3 +108,63 @@ def test_stage_outcome_notifier(monkeypatch, receiver):
     assert events == ["retrain_rejected", "rollback"]
     assert "p99 300ms" in receiver.got[1][2]["message"]
     assert receiver.got[0][2]["details"]["reason"] == "roc_auc 0.6 < 0.7"
+
+
+@pytest.fixture
+def smtp_receiver():
+    """A minimal SMTP server on loopback that keeps every message it accepts."""
+    import socketserver
+    from email import message_from_bytes
+
+    messages = []
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self):
+            self.wfile.write(b"220 test ESMTP\r\n")
+            rcpt = []
+            while line := self.rfile.readline():
+                cmd = line.decode().strip().upper()
+                if cmd.startswith(("EHLO", "HELO")):
+                    self.wfile.write(b"250 test\r\n")
+                elif cmd.startswith("RCPT TO:"):
+                    rcpt.append(line.decode().split(":", 1)[1].strip().strip("<>"))
+                    self.wfile.write(b"250 OK\r\n")
+                elif cmd == "DATA":
+                    self.wfile.write(b"354 end with .\r\n")
+                    data = b""
+                    while (chunk := self.rfile.readline()) not in (b".\r\n", b""):
+                        data += chunk
+                    messages.append((rcpt, message_from_bytes(data)))
+                    self.wfile.write(b"250 queued\r\n")
+                elif cmd == "QUIT":
+                    self.wfile.write(b"221 bye\r\n")
+                    return
+                else:
+                    self.wfile.write(b"250 OK\r\n")
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield SimpleNamespace(port=server.server_address[1], messages=messages)
+    server.shutdown()
+
+
+def test_email_alerts_through_the_smtp_provider(monkeypatch, smtp_receiver):
+    monkeypatch.setenv("AIRFLOW_CONN_TEAM_SMTP", json.dumps({
+        "conn_type": "smtp", "host": "127.0.0.1", "port": smtp_receiver.port,
+        "extra": {"disable_ssl": True, "disable_tls": True, "from_email": "mlplatform@example.test"}}))
+    tenant = _tenant({"email": ["ml-oncall@acme.test"], "email_connection": "team_smtp", "events": ["rollback"]})
+    assert send_alert(tenant, "churn", "rollback", "canary of version 3 rolled back", {"failed": ["p99"]}, {})
+    assert send_alert(tenant, "churn", "drift", "m", {}, {}) is False  # not subscribed
+    (rcpt, message), = smtp_receiver.messages
+    assert rcpt == ["ml-oncall@acme.test"]
+    assert message["Subject"] == "[mlplatform] rollback: acme/churn"
+    body = next(p for p in message.walk() if p.get_content_type() == "text/html").get_payload(decode=True).decode()
+    assert "canary of version 3 rolled back" in body and "p99" in body
+    assert stage_alert_callback(tenant, "churn", "canary_deploy") is not None
+    assert stage_alert_callback(tenant, "churn", "evaluate") is None  # retrain_rejected not subscribed
+
+
+def test_bad_alert_email_is_a_clear_error():
+    with pytest.raises(ValueError, match="email"):
+        _tenant({"email": ["not an address"]})

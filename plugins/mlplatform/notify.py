@@ -7,7 +7,8 @@ the webhook URL (``http(s)://...``; or host + port + schema + ``extra.path``), w
     {"source": "mlplatform", "event": "drift", "tenant": "acme", "pipeline": "churn-xgb",
      "dag_id": ..., "run_id": ..., "task_id": ..., "message": "...", "details": {...}, "sent_at": "..."}
 
-Slack or email go through their providers' notifiers in the same callbacks; this module needs none of them.
+Email (``spec.alerts.email``) goes through the SMTP provider's ``SmtpNotifier`` and the tenant's
+``email_connection`` (default ``smtp_default``), imported only when an alert is sent.
 Imports nothing heavy: it is used at DAG-parse time to attach callbacks.
 """
 
@@ -109,19 +110,50 @@ def tenant_channel(tenant: Any, event: str) -> str | None:
     return alerts.webhook_connection
 
 
+def tenant_emails(tenant: Any, event: str) -> list[str]:
+    """The addresses that get ``event`` alerts by email (none when the tenant set none)."""
+    alerts = getattr(tenant.spec, "alerts", None)
+    return list(alerts.email) if alerts is not None and event in alerts.events else []
+
+
+def email_notifier(tenant: Any, pipeline: str, event: str, message: str, details: dict | None):
+    """The SMTP provider's notifier for one alert (subject and an HTML body with the details)."""
+    from html import escape
+
+    from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+
+    rows = "".join(f"<tr><th align=left>{escape(str(k))}</th><td><pre>{escape(json.dumps(v, default=str, indent=1))}"
+                   f"</pre></td></tr>" for k, v in (details or {}).items())
+    return SmtpNotifier(to=tenant_emails(tenant, event), smtp_conn_id=tenant.spec.alerts.email_connection,
+                        subject=f"[mlplatform] {event}: {tenant.name}/{pipeline}",
+                        html_content=f"<p>{escape(message)}</p><table>{rows}</table>")
+
+
 def send_alert(tenant: Any, pipeline: str, event: str, message: str, details: dict | None, context: dict) -> bool:
-    """Send one alert to the tenant's channel; never raises (an alert outage must not fail the pipeline)."""
+    """Send one alert to each of the tenant's channels (webhook, email); True when at least one got it.
+
+    Never raises: an alert outage must not fail the pipeline.
+    """
+    sent = False
     connection_id = tenant_channel(tenant, event)
-    if connection_id is None:
+    if connection_id is not None:
+        try:
+            WebhookNotifier(connection_id=connection_id, event=event, tenant=tenant.name, pipeline=pipeline,
+                            message=message, details=details)(dict(context))
+            sent = True
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            log.warning("could not send the %s alert to connection %s: %s", event, connection_id, exc)
+    if tenant_emails(tenant, event):
+        try:
+            email_notifier(tenant, pipeline, event, message, details)(dict(context))
+            log.info("alert %s emailed to %s", event, ", ".join(tenant_emails(tenant, event)))
+            sent = True
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            log.warning("could not email the %s alert through %s: %s", event, tenant.spec.alerts.email_connection,
+                        exc)
+    if connection_id is None and not tenant_emails(tenant, event):
         log.info("no %s alert channel configured for tenant %s", event, tenant.name)
-        return False
-    try:
-        WebhookNotifier(connection_id=connection_id, event=event, tenant=tenant.name, pipeline=pipeline,
-                        message=message, details=details)(dict(context))
-        return True
-    except Exception as exc:  # noqa: BLE001 - reported, not raised
-        log.warning("could not send the %s alert to connection %s: %s", event, connection_id, exc)
-        return False
+    return sent
 
 
 class StageOutcomeNotifier(BaseNotifier):
@@ -167,6 +199,6 @@ class StageOutcomeNotifier(BaseNotifier):
 def stage_alert_callback(tenant: Any, pipeline: str, task_id: str) -> StageOutcomeNotifier | None:
     """The callback to attach to ``task_id`` of a training DAG, or None when nothing would be sent."""
     wanted = {"evaluate": "retrain_rejected", "canary_deploy": "rollback"}.get(task_id)
-    if wanted is None or tenant_channel(tenant, wanted) is None:
+    if wanted is None or (tenant_channel(tenant, wanted) is None and not tenant_emails(tenant, wanted)):
         return None
     return StageOutcomeNotifier(tenant=tenant, pipeline=pipeline)

@@ -384,6 +384,12 @@ class TenantAlerts(Strict):
     webhook_connection: str | None = Field(
         None, max_length=200, description="Airflow connection of a generic JSON webhook (its host is the URL)."
     )
+    email: list[Annotated[str, Field(pattern=r"^[^@\s,;<>]+@[^@\s,;<>]+\.[^@\s,;<>]+$", max_length=254)]] = Field(
+        default_factory=list, max_length=20, description="Addresses that get the alerts by email (SMTP provider)."
+    )
+    email_connection: str = Field(
+        "smtp_default", max_length=200, description="Airflow SMTP connection the email alerts go through."
+    )
     events: list[Literal["drift", "retrain_rejected", "rollback"]] = Field(
         default_factory=lambda: ["drift", "retrain_rejected", "rollback"], description="Which events are sent."
     )
