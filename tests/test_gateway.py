@@ -373,3 +373,17 @@ def test_standalone_gateway_restores_routes_after_restart(registry, tmp_path):
         client.set_registered_model_alias(NAME, "champion", "1")
         client.delete_registered_model_alias(NAME, "challenger")
         client.delete_registered_model_tag(NAME, SHARE_TAG)
+
+
+def test_token_from_env_is_stored_once(tmp_path, monkeypatch):
+    """`python -m mlplatform.serving token '*' --from-env VAR` (compose's airflow-init) is idempotent."""
+    from mlplatform.serving.__main__ import main
+    from mlplatform.serving.auth import TokenAuth, digest
+
+    tokens = tmp_path / "tokens.json"
+    monkeypatch.setenv("GATEWAY_PLATFORM_TOKEN", "s3cret-platform-token")
+    for _ in range(2):
+        assert main(["token", "*", "--tokens-file", str(tokens), "--from-env", "GATEWAY_PLATFORM_TOKEN"]) == 0
+    assert TokenAuth.from_file(tokens).digests == {"*": [digest("s3cret-platform-token")]}
+    monkeypatch.delenv("GATEWAY_PLATFORM_TOKEN")
+    assert main(["token", "*", "--tokens-file", str(tokens), "--from-env", "GATEWAY_PLATFORM_TOKEN"]) == 2

@@ -3,6 +3,7 @@
     python -m mlplatform.serving [serve] [--host H] [--port P] [--reload-interval S] [--tokens-file F]
                                          [--allow-anonymous]
     python -m mlplatform.serving token <tenant> [--tokens-file F]   # print a new token, store its digest
+    python -m mlplatform.serving token '*' --from-env VAR           # store the platform token held in $VAR
 
 Settings (environment, as set on the compose ``gateway`` service):
 
@@ -56,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--allow-anonymous", action="store_true",
                        help="serve without tokens when no tokens file exists (development only)")
     token = sub.add_parser("token", help="create a bearer token for a tenant")
-    token.add_argument("tenant")
+    token.add_argument("tenant", help="a tenant name, or '*' for a platform token (any tenant, canary bakes)")
     token.add_argument("--tokens-file", type=Path)
+    token.add_argument("--from-env", metavar="VAR", help="store the token held in environment variable VAR "
+                       "instead of a new one (idempotent; for deployments whose secrets come from outside)")
     return parser
 
 
@@ -127,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         from mlplatform.serving.auth import add_token
 
         path = args.tokens_file or conf["tokens_file"]
+        if args.from_env:
+            value = os.environ.get(args.from_env, "").strip()
+            if not value:
+                print(f"environment variable {args.from_env} is empty or unset", file=sys.stderr)
+                return 2
+            add_token(path, args.tenant, value)
+            print(f"token from {args.from_env} stored for {args.tenant!r} in {path}", file=sys.stderr)
+            return 0
         print(add_token(path, args.tenant))
         print(f"(its SHA-256 digest is stored in {path}; the token itself is not)", file=sys.stderr)
         return 0

@@ -59,14 +59,17 @@ class TokenAuth:
             raise HTTPException(403, f"this token may not use tenant {tenant!r}'s models")
 
 
-def add_token(path: str | Path, tenant: str) -> str:
-    """Create a token for ``tenant``, store its digest in the tokens file, return the token (shown once)."""
+def add_token(path: str | Path, tenant: str, token: str | None = None) -> str:
+    """Store the digest of ``token`` (a new random one by default) for ``tenant`` in the tokens file and return
+    the token (shown once). Storing a token that is already there changes nothing."""
     path = Path(path)
     data = json.loads(path.read_text()) if path.exists() else {}
-    token = secrets.token_urlsafe(32)
+    token = token or secrets.token_urlsafe(32)
     existing = data.get(tenant, [])
-    data[tenant] = ([existing] if isinstance(existing, str) else existing) + [digest(token)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    path.chmod(0o600)
+    existing = [existing] if isinstance(existing, str) else existing
+    if digest(token) not in existing:
+        data[tenant] = existing + [digest(token)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        path.chmod(0o600)
     return token
