@@ -71,3 +71,23 @@ def new_postgres_db():
         for name in made:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+def set_platform_environ(env: dict[str, str]):
+    """Put ``env`` into ``os.environ`` for a module-scoped stack (monkeypatch is function-scoped) and clear the
+    cached platform config; returns the function that restores both."""
+    from mlplatform.config import get_config
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    get_config.cache_clear()
+
+    def restore() -> None:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        get_config.cache_clear()
+
+    return restore

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, write_spec
+from conftest import REPO, set_platform_environ, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -44,25 +44,14 @@ def airflow_stack(tmp_path_factory):
     write_spec(specs, "acme", "churn-strict", STRICT)
     env = {"MLPLATFORM_HOME": str(root / "home"), "MLPLATFORM_SPECS_DIR": str(specs),
            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'home' / 'mlflow.db'}"}
-    import os
-
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    from mlplatform.config import get_config
-
-    get_config.cache_clear()
+    restore_environ = set_platform_environ(env)
     generate_all(load_config())
     try:
         with running_airflow(root / "airflow", extra=env) as (aenv, api, procs):
             api.wait_for_dag(DAG_ID)
             yield {"api": api, "procs": procs, "root": root, "config": load_config(), "env": aenv}
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        get_config.cache_clear()
+        restore_environ()
 
 
 def test_dag_processor_loads_healthy_dags_and_the_broken_stand_in(airflow_stack):

@@ -19,7 +19,7 @@ import time
 import httpx
 import pytest
 
-from conftest import write_spec
+from conftest import set_platform_environ, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +90,7 @@ class ClientTraffic:
 def stack(tmp_path_factory):
     from mlflow import MlflowClient
 
-    from mlplatform.config import get_config, load_config
+    from mlplatform.config import load_config
     from mlplatform.data.generate import generate_all
     from mlplatform.local_airflow import free_port, running_airflow
     from mlplatform.serving.auth import add_token
@@ -103,9 +103,7 @@ def stack(tmp_path_factory):
     gateway_url = f"http://127.0.0.1:{port}"
     env = {"MLPLATFORM_HOME": str(home), "MLPLATFORM_SPECS_DIR": str(specs),
            "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}", "MLPLATFORM_GATEWAY_URL": gateway_url}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    get_config.cache_clear()
+    restore_environ = set_platform_environ(env)
     config = load_config()
     generate_all(config)
     client = MlflowClient(config.tracking_uri, config.tracking_uri)
@@ -130,12 +128,7 @@ def stack(tmp_path_factory):
         gateway.terminate()
         gateway.wait(timeout=30)
         gateway_log.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        get_config.cache_clear()
+        restore_environ()
 
 
 def _ready(url: str, proc) -> bool:

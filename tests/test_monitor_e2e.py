@@ -8,7 +8,6 @@ A loopback webhook receiver stands in for the tenant's alert channel.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
@@ -18,7 +17,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from conftest import ARTIFACTS, REPO, write_spec
+from conftest import ARTIFACTS, REPO, set_platform_environ, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +73,7 @@ class _Hook(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from mlplatform.config import get_config, load_config
+    from mlplatform.config import load_config
     from mlplatform.data.generate import generate_all
     from mlplatform.local_airflow import running_airflow
 
@@ -95,9 +94,7 @@ def stack(tmp_path_factory):
            "MLPLATFORM_TENANTS_DIR": str(tenants),
            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'home' / 'mlflow.db'}",
            "AIRFLOW_CONN_MLP_ALERTS": json.dumps({"conn_type": "http", "host": hook_url})}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    get_config.cache_clear()
+    restore_environ = set_platform_environ(env)
     generate_all(load_config())
     # Create the MLflow SQLite schema once: two trainers migrating a fresh file at once collide.
     from mlflow import MlflowClient
@@ -111,12 +108,7 @@ def stack(tmp_path_factory):
             yield {"api": api, "procs": procs, "root": root, "config": load_config(), "hooks": _Hook.received}
     finally:
         server.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        get_config.cache_clear()
+        restore_environ()
 
 
 def _finish(stack, dag_id, run_id, timeout=600):
