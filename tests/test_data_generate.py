@@ -118,3 +118,19 @@ def test_labels_are_learnable(source, request):
     auc = roc_auc_score(test[label], model.predict_proba(test[features])[:, 1])
     assert 0.75 <= auc <= 0.95
     assert 0.1 < train[label].mean() < 0.4
+
+
+def test_symlink_into_another_tenants_data_is_refused(config):
+    """The spec check is lexical; at run time a link under acme/ that leads to globex's data fails clearly."""
+    from mlplatform.stages.context import StageFailed
+
+    generate.generate_all(config)
+    allowed = ["acme/", "s3://mlplatform-data/acme/"]
+    assert len(list_partitions("acme/churn", config, allowed)) == len(generate.partition_dates())
+    (config.data_root / "acme" / "sneaky").symlink_to(config.data_root / "globex" / "accounts")
+    with pytest.raises(StageFailed, match="outside the tenant's allowed data prefixes"):
+        list_partitions("acme/sneaky", config, allowed)
+    part = config.data_root / "acme" / "churn" / "dt=2026-11-03"
+    (part / "part-1.parquet").symlink_to(next((config.data_root / "globex" / "accounts").glob("dt=*/*.parquet")))
+    with pytest.raises(StageFailed, match="resolves to .*globex"):
+        list_partitions("acme/churn", config, allowed)

@@ -28,20 +28,38 @@ def source_dir(source: str, config: PlatformConfig) -> Path:
     return config.data_root / source
 
 
-def list_partitions(source: str, config: PlatformConfig) -> list[Partition]:
+def _confined(path: Path, roots: list[Path], source: str) -> Path:
+    """``path`` when, symlinks resolved, it stays inside one of ``roots``; else a StageFailed (the spec
+    check is lexical, so a link under the tenant's prefix must not lead into another tenant's data)."""
+    real = path.resolve()
+    if not any(real == root or real.is_relative_to(root) for root in roots):
+        raise StageFailed(f"data source {source!r}: {path} resolves to {real}, outside the tenant's allowed "
+                          "data prefixes (a symbolic link?); ask the platform team to fix the data layout")
+    return path
+
+
+def list_partitions(source: str, config: PlatformConfig, allowed_prefixes: list[str] | None = None) -> list[Partition]:
+    """The source's partitions; with ``allowed_prefixes`` (the tenant's) every folder and file must resolve
+    inside them."""
     root = source_dir(source, config)
     if not root.is_dir():
         raise StageFailed(f"data source {source!r} not found (looked in {root}); run `mlplatform data generate` "
                           "for the example data or check spec.data.source")
+    roots = [(config.data_root / p.strip("/")).resolve() for p in allowed_prefixes or [] if not p.startswith("s3://")]
+
+    def check(path: Path) -> Path:
+        return _confined(path, roots, source) if allowed_prefixes is not None else path
+
+    check(root)
     parts = []
     for d in sorted(root.iterdir()):
         m = _PART_RE.match(d.name)
         if m and d.is_dir():
-            files = tuple(sorted(d.glob("*.parquet")))
+            files = tuple(check(f) for f in sorted(check(d).glob("*.parquet")))
             if files:
                 parts.append(Partition(m.group(1), files))
     if not parts:
-        files = tuple(sorted(root.glob("*.parquet")))
+        files = tuple(check(f) for f in sorted(root.glob("*.parquet")))
         if not files:
             raise StageFailed(f"data source {source!r} holds no parquet files")
         parts.append(Partition("all", files))

@@ -173,7 +173,8 @@ class DriftCheckOperator(StageOperator):
                 path, current_id, rows = logged
                 log.info("current data: %d rows the gateway served in the last %s", rows, window)
                 return [path], current_id, "prediction_log"
-        _, current = split_partitions(list_partitions(ctx.spec.spec.data.source, ctx.config), ctx.as_of)
+        _, current = split_partitions(list_partitions(ctx.spec.spec.data.source, ctx.config,
+                                                          ctx.tenant.spec.data.allowed_prefixes), ctx.as_of)
         return list(current.files), f"{ctx.spec.spec.data.source}@dt={current.date}", "partition"
 
     def _model_checks(self, ctx, client, champion, reference: Path, current_files: list[Path],

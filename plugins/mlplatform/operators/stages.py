@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 def _partitions(ctx: Any):
     from mlplatform.data.partitions import list_partitions, split_partitions
 
-    training, current = split_partitions(list_partitions(ctx.spec.spec.data.source, ctx.config), ctx.as_of)
+    training, current = split_partitions(list_partitions(ctx.spec.spec.data.source, ctx.config,
+                                                      ctx.tenant.spec.data.allowed_prefixes), ctx.as_of)
     return [f for p in training for f in p.files], list(current.files), current.date
 
 
