@@ -1,4 +1,4 @@
-"""``mlplatform`` command line: lint, render, k8s, sync-pools, schema, data, demo, ui."""
+"""``mlplatform`` command line: lint, render, k8s, sync-pools, usage, schema, data, demo, ui."""
 
 from __future__ import annotations
 
@@ -117,6 +117,33 @@ def cmd_sync_pools(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    """Per-tenant GPU-slot hours and task hours per UTC day, from Airflow's task-instance records."""
+    from datetime import date, datetime, timedelta, timezone
+
+    from mlplatform.spec.loader import load_catalog
+    from mlplatform.tenants.usage import format_table, usage_report
+
+    try:
+        until = date.fromisoformat(args.until) if args.until else datetime.now(timezone.utc).date()
+        since = date.fromisoformat(args.since) if args.since else until - timedelta(days=6)
+    except ValueError as exc:
+        print(f"--since/--until: {exc} (want YYYY-MM-DD)", file=sys.stderr)
+        return 2
+    tenants = load_catalog(get_config(), only=[]).tenants
+    unknown = sorted(set(args.tenants) - set(tenants))
+    if unknown or since > until:
+        print(f"unknown tenant(s): {', '.join(unknown)}" if unknown else "--since is after --until", file=sys.stderr)
+        return 2
+    rows = usage_report(tenants, since, until, only=args.tenants or None)
+    if args.json:
+        print(json.dumps({"since": since.isoformat(), "until": until.isoformat(),
+                          "rows": [r.as_json() for r in rows]}, indent=2))
+    else:
+        print(format_table(rows))
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     """Write the JSON Schemas editors use for completion (include/schema/)."""
     from mlplatform.spec.schema import write_schemas
@@ -173,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sync-pools", help="reconcile Airflow pools with the tenant quota files")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_sync_pools)
+    p = sub.add_parser("usage", help="per-tenant GPU-slot hours and task hours per day (chargeback)")
+    p.add_argument("tenants", nargs="*", help="only these tenants (default: all)")
+    p.add_argument("--since", help="first UTC day, YYYY-MM-DD (default: 6 days before --until)")
+    p.add_argument("--until", help="last UTC day, inclusive, YYYY-MM-DD (default: today)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_usage)
     p = sub.add_parser("schema", help="write JSON Schemas for specs and tenant files")
     p.add_argument("--out", default=str(SCHEMA_DIR))
     p.set_defaults(func=cmd_schema)
