@@ -1,7 +1,8 @@
 """Run real Airflow components (api-server, scheduler, dag-processor, triggerer) as local processes.
 
 Used by ``mlplatform demo`` and by the tests that need a real scheduler. Configuration is environment
-variables only, so the same code runs against SQLite (the embedded default) or PostgreSQL.
+variables only, so the same code runs against SQLite (the embedded default) or PostgreSQL, with the
+LocalExecutor or (``celery_env`` + ``celery-worker-<name>`` components) the CeleryExecutor.
 """
 
 from __future__ import annotations
@@ -67,6 +68,43 @@ def airflow_env(home: Path, port: int, sql_conn: str | None = None, extra: dict[
     return env
 
 
+HOSTNAME_ENV = "MLPLATFORM_AIRFLOW_HOSTNAME"
+CELERY_WORKER = "celery-worker-"
+
+
+def hostname() -> str:
+    """``[core] hostname_callable`` for several workers on one machine: the name a worker was started with
+    (``MLPLATFORM_AIRFLOW_HOSTNAME``, set per ``celery-worker-<name>`` component), else Airflow's default."""
+    name = os.environ.get(HOSTNAME_ENV, "").strip()
+    if name:
+        return name
+    from airflow.utils.net import getfqdn
+
+    return getfqdn()
+
+
+def celery_env(broker_url: str, result_backend: str, concurrency: int = 2,
+               task_heartbeat_timeout: int | None = None) -> dict[str, str]:
+    """Settings (``extra`` of ``airflow_env``) for the CeleryExecutor with ``celery-worker-<name>`` components.
+
+    ``result_backend`` is a Celery URL (``db+postgresql://...``). Each worker reports its component name as
+    the task instances' hostname. ``task_heartbeat_timeout`` lowers ``[scheduler]
+    task_instance_heartbeat_timeout``: how long a task of a dead worker stays "running" before the scheduler
+    fails it and its retry is queued (300 s by default).
+    """
+    env = {
+        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        "AIRFLOW__CORE__HOSTNAME_CALLABLE": "mlplatform.local_airflow.hostname",
+        "AIRFLOW__CELERY__BROKER_URL": broker_url,
+        "AIRFLOW__CELERY__RESULT_BACKEND": result_backend,
+        "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(concurrency),
+    }
+    if task_heartbeat_timeout is not None:
+        env["AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT"] = str(task_heartbeat_timeout)
+        env["AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL"] = "5"
+    return env
+
+
 def airflow(env: dict[str, str], *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run one ``airflow`` CLI command."""
     return subprocess.run([str(BIN / "airflow"), *args], env=env, check=check, capture_output=True, text=True,
@@ -90,18 +128,45 @@ class AirflowProcesses:
         self.wait_for_api()
 
     def spawn(self, name: str) -> None:
-        """Start one component (again, after ``kill``) in its own process group, logging to its file."""
-        args = ["api-server", "--port", self.env["AIRFLOW__API__PORT"], "--host", "127.0.0.1"] \
-            if name == "api-server" else [name]
+        """Start one component (again, after ``kill``) in its own process group, logging to its file.
+
+        ``celery-worker-<name>``: an ``airflow celery worker`` whose Celery node and task-instance hostname
+        are the component name (serving no logs: the components share the log folder).
+        """
+        env = self.env
+        if name == "api-server":
+            args = ["api-server", "--port", self.env["AIRFLOW__API__PORT"], "--host", "127.0.0.1"]
+        elif name.startswith(CELERY_WORKER):
+            args = ["celery", "worker", "--celery-hostname", f"{name}@%h", "--skip-serve-logs",
+                    "--concurrency", self.env.get("AIRFLOW__CELERY__WORKER_CONCURRENCY", "2")]
+            env = {**self.env, HOSTNAME_ENV: name}
+        else:
+            args = [name]
         with open(self.log_dir / f"{name}.log", "ab") as log:
-            self.procs[name] = subprocess.Popen([str(BIN / "airflow"), *args], env=self.env, stdout=log,
+            self.procs[name] = subprocess.Popen([str(BIN / "airflow"), *args], env=env, stdout=log,
                                                 stderr=subprocess.STDOUT, start_new_session=True)
 
-    def kill(self, name: str) -> None:
-        """SIGKILL one component's whole process group, as a crash or an OOM kill would."""
+    def kill(self, name: str, tree: bool = False) -> None:
+        """SIGKILL one component's whole process group, as a crash or an OOM kill would.
+
+        ``tree``: also every process group its descendants started, as when the host or container dies (the
+        task SDK puts each task process in a group of its own, which the component's group does not reach).
+        """
         proc = self.procs[name]
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        groups = [proc.pid]
+        if tree and proc.poll() is None:
+            import psutil
+
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    groups.append(os.getpgid(child.pid))
+                except ProcessLookupError:
+                    pass
+        for group in dict.fromkeys(groups):
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait()
 
     def wait_for_api(self, timeout: float = 180) -> None:
