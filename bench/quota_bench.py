@@ -90,7 +90,8 @@ def main() -> int:
     figures = {
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                     "load_avg_at_end": os.getloadavg()},
-        "config": {k: v for k, v in vars(args).items() if k != "out"} | {"quotas": QUOTAS, "executor": "LocalExecutor", "db": "postgresql"},
+        "config": {k: v for k, v in vars(args).items() if k != "out"}
+        | {"quotas": QUOTAS, "executor": "LocalExecutor", "db": "postgresql"},
         "runs": len(records["dag_runs"]),
         "runs_succeeded": sum(1 for r in records["dag_runs"] if r["state"] == "success"),
         "task_instances": len(tis),

@@ -220,7 +220,8 @@ def pg_url(sql_conn: str) -> str:
 
 def run_load(workdir: Path, sql_conn: str, pipelines_fn=factory_pipelines, *, runs_per_pipeline: int = 3,
              plain_seconds: int = 4, defer_seconds: int = 8, features_seconds: int = 2, parallelism: int = 12,
-             statsd_port: int | None = None, timeout: float = 900, quotas: dict[str, int] = QUOTAS, progress=None) -> dict:
+             statsd_port: int | None = None, timeout: float = 900, quotas: dict[str, int] = QUOTAS,
+             progress=None) -> dict:
     """Start Airflow on ``sql_conn``, trigger every run at once, wait for all; returns what happened."""
     import psycopg
 
