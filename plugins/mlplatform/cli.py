@@ -1,4 +1,4 @@
-"""``mlplatform`` command line: lint, render, k8s, sync-pools, usage, schema, data, demo, ui."""
+"""``mlplatform`` command line: lint, render, k8s, sync-pools, sync, usage, schema, data, demo, ui."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def cmd_k8s(args: argparse.Namespace) -> int:
 def cmd_sync_pools(args: argparse.Namespace) -> int:
     """Reconcile Airflow pools with the tenant files; prints what changed."""
     from mlplatform.spec.loader import load_catalog
-    from mlplatform.tenants.pools import sync_pools
+    from mlplatform.tenants.pools import MissingTeams, sync_pools
 
     catalog = load_catalog(get_config(), only=[])
     if catalog.platform_problems:
@@ -112,9 +112,21 @@ def cmd_sync_pools(args: argparse.Namespace) -> int:
             print(p, file=sys.stderr)
         print("refusing to sync pools while tenant or template files have errors", file=sys.stderr)
         return 1
-    for change in sync_pools(catalog.tenants, dry_run=args.dry_run):
+    try:
+        changes = sync_pools(catalog.tenants, dry_run=args.dry_run)
+    except MissingTeams as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    for change in changes:
         print(change)
     return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Multi-team tenancy from the tenant files: teams, bundles, team pools and connections, users."""
+    from mlplatform.tenants.sync import run_sync
+
+    return run_sync(out=args.out, admins=args.admin, dry_run=args.dry_run)
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
@@ -200,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sync-pools", help="reconcile Airflow pools with the tenant quota files")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_sync_pools)
+    p = sub.add_parser("sync", help="multi-team tenancy: teams, per-tenant DAG bundles, team pools, users")
+    p.add_argument("--out", help="folder for the generated Airflow env file, bundles and passwords "
+                   "(default: $MLPLATFORM_TENANCY_DIR or $AIRFLOW_HOME/mlplatform)")
+    p.add_argument("--admin", action="append", help="platform admin user (repeatable; default: admin)")
+    p.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
+    p.set_defaults(func=cmd_sync)
     p = sub.add_parser("usage", help="per-tenant GPU-slot hours and task hours per day (chargeback)")
     p.add_argument("tenants", nargs="*", help="only these tenants (default: all)")
     p.add_argument("--since", help="first UTC day, YYYY-MM-DD (default: 6 days before --until)")

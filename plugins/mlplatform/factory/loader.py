@@ -17,12 +17,27 @@ from mlplatform.factory.monitor import MONITOR_SUFFIX
 from mlplatform.spec.loader import SPEC_SUFFIXES, load_catalog
 
 
-def load_dags() -> dict:
-    """``{variable_name: DAG}`` for the DAG file's globals."""
+def load_dags(tenant: str | None = None) -> dict:
+    """``{variable_name: DAG}`` for the DAG file's globals.
+
+    ``tenant``: only that tenant's pipelines (the loader of the tenant's own DAG bundle in multi-team mode).
+    """
     config = get_config()
     only = spec_files_for(get_parsing_context().dag_id, config)
-    catalog = load_catalog(config, only=only)
-    return {dag_id.replace("-", "_"): dag for dag_id, dag in build_all(catalog, config).items()}
+    if tenant is not None:
+        only = tenant_spec_files(tenant, only, config)
+    dags = build_all(load_catalog(config, only=only), config)
+    if tenant is not None:  # a bundle never carries another team's DAG id
+        dags = {dag_id: dag for dag_id, dag in dags.items() if dag_id.startswith(f"{tenant}__")}
+    return {dag_id.replace("-", "_"): dag for dag_id, dag in dags.items()}
+
+
+def tenant_spec_files(tenant: str, only: list[Path] | None, config: PlatformConfig) -> list[Path]:
+    """The files of ``only`` (None: all) that live in the tenant's spec folder."""
+    folder = config.specs_dir / tenant
+    if only is None:
+        return sorted(p for p in folder.iterdir() if p.suffix in SPEC_SUFFIXES) if folder.is_dir() else []
+    return [p for p in only if p.parent == folder]
 
 
 def spec_files_for(dag_id: str | None, config: PlatformConfig) -> list[Path] | None:

@@ -378,6 +378,19 @@ class TenantBody(Strict):
     data: TenantData
     connections: list[str] = Field(default_factory=list, description="Airflow connection ids the tenant's specs may name.")
     alerts: TenantAlerts | None = Field(None, description="Where drift, rejected-retrain and rollback alerts go.")
+    users: list[TenantUser] = Field(
+        default_factory=list, max_length=200,
+        description="Airflow users of the tenant's team (multi-team mode, `mlplatform sync`).",
+    )
+
+
+class TenantUser(Strict):
+    """An Airflow user who sees and runs only its tenants' DAGs (a name in several tenant files: several teams)."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9._-]{1,63}$", description="Login name.")
+    role: Literal["viewer", "user"] = Field(
+        "user", description="viewer: read only; user: also trigger, pause and clear the tenant's DAGs.",
+    )
 
 
 class TenantAlerts(Strict):
