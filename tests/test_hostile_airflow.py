@@ -1,0 +1,87 @@
+"""The whole hostile-spec corpus at once, on a real dag-processor and api-server.
+
+Every bad spec of tests/test_spec_loader.py (plus a 10 MB file and a .yml twin of a healthy spec) sits next
+to the example specs. `mlplatform lint` reports each with its file and line; the dag-processor still loads
+every healthy DAG, records no import error, and each bad spec is a paused stand-in DAG whose description
+and docs (what the UI shows) carry its error.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import REPO, set_platform_environ, write_spec
+from test_spec_loader import BAD
+
+pytestmark = pytest.mark.slow
+
+HEALTHY = ["acme__churn-baseline", "acme__churn-xgb", "globex__upsell", "acme__churn-xgb__monitor",
+           "acme__deployments", "globex__upsell__monitor"]
+EXTRA = [("ten-megabyte", None, "acme", "larger than 256 KiB"),
+         ("churn-baseline", None, "acme", "is already defined in")]  # the .yml twin of a healthy spec
+
+
+def _case_text(case: str, text: str) -> str:
+    return text.replace("name: mini", f"name: {case}")
+
+
+def _expected(case: str, expected: str) -> str:
+    """The loader test's expected message for this corpus, where the file is ``<case>.yaml``."""
+    return expected.replace("mini.yaml", f"{case}.yaml").replace("file name 'mini'", f"file name '{case}'")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from mlplatform.local_airflow import running_airflow
+
+    root = tmp_path_factory.mktemp("hostile")
+    specs = root / "specs"
+    shutil.copytree(REPO / "dags" / "specs", specs)
+    for case, text, tenant, _ in BAD:
+        write_spec(specs, tenant, case, _case_text(case, text))
+    write_spec(specs, "acme", "ten-megabyte", "# " + "x" * (10 * 2**20) + "\n")
+    shutil.copy(specs / "acme" / "churn-baseline.yaml", specs / "acme" / "churn-baseline.yml")
+    env = {"MLPLATFORM_HOME": str(root / "home"), "MLPLATFORM_SPECS_DIR": str(specs),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'home' / 'mlflow.db'}"}
+    restore_environ = set_platform_environ(env)
+    try:
+        with running_airflow(root / "airflow", extra=env, components=("api-server", "dag-processor")) as (_, api, __):
+            for dag_id in HEALTHY:
+                api.wait_for_dag(dag_id, timeout=240)
+            yield {"api": api, "env": env, "specs": specs}
+    finally:
+        restore_environ()
+
+
+def test_lint_reports_every_bad_spec_with_file_and_line(corpus):
+    from mlplatform.local_airflow import BIN
+
+    proc = subprocess.run([str(BIN / "mlplatform"), "lint"], env={**os.environ, **corpus["env"]},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    out = proc.stdout + proc.stderr
+    for case, _, tenant, expected in BAD:
+        assert f"{tenant}/{case}.yaml:" in out, case
+        assert _expected(case, expected) in out, (case, expected)
+    assert "acme/ten-megabyte.yaml:" in out and "larger than 256 KiB" in out
+    assert "acme/churn-baseline.yml:" in out and "is already defined in" in out
+
+
+def test_dag_processor_keeps_every_healthy_dag_and_shows_each_error(corpus):
+    api = corpus["api"]
+    assert api.import_errors() == []
+    for dag_id in HEALTHY:
+        dag = api.http.get(f"/dags/{dag_id}").json()
+        assert "invalid-spec" not in [t["name"] for t in dag["tags"]], dag_id
+    for case, _, tenant, expected in BAD + EXTRA[:1]:
+        dag_id = f"{tenant}__{case}"
+        dag = api.wait_for_dag(dag_id, timeout=60)
+        assert "invalid-spec" in [t["name"] for t in dag["tags"]] and dag["is_paused"] is True, dag_id
+        assert dag["description"].startswith("INVALID SPEC: "), dag_id
+        details = api.http.get(f"/dags/{dag_id}/details").json()
+        assert f"{tenant}/{case}.yaml:" in details["doc_md"], dag_id
+        assert _expected(case, expected) in details["doc_md"], (dag_id, expected)
