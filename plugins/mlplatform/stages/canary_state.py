@@ -237,66 +237,29 @@ class CanaryMachine:
 
     def run(self, deployment: Any, champion: str | None, traffic: Traffic, bake_seconds: int,
             after_step: Callable[[int, CanaryState], None] | None = None) -> dict[str, Any]:
-        """Drive the canary from its recorded state to a decision; returns the deploy stage's result."""
-        st = self.start(champion, deployment.traffic_steps)
-        if st.state in TERMINAL:
-            return self.result(st)
-        if st.state == PROMOTING:
-            return self.promote(st, "promoted", last_gates(st))
-        if st.state == HELD:
-            raise CanaryHeld(f"{self.name} v{self.version} is held at step {st.step + 1}: {st.reason} "
-                             "(promote or abort it from the control DAG)")
-        if st.step > 0:
-            log.info("resuming the canary of %s v%s at step %d of %d (share %.0f%%) from its recorded state",
-                     self.name, self.version, st.step + 1, len(st.steps), 100 * st.steps[st.step])
-        champion_stats, total_baked, verdict = None, 0.0, last_gates(st)
-        for i in range(st.step, len(st.steps)):
-            share = st.steps[i]
-            self.set_share(share)
+        """Drive the canary from its recorded state to a decision, baking each step on ``traffic`` in this
+        process (the blocking form of ``begin_step`` / ``finish_step``); returns the deploy stage's result."""
+        champion_stats, total_baked = None, 0.0
+        kind, value = self.begin_step(deployment, champion)
+        if kind == "bake" and value[0] > 0:
+            log.info("resuming the canary of %s v%s at step %d (share %.0f%%) from its recorded state",
+                     self.name, self.version, value[0] + 1, 100 * value[1])
+        while kind == "bake":
+            i, share = value
             traffic.set_share(share)
-            previous = st.state
-            st.state, st.step = BAKING, i
-            self.save(st)
-            self.event("step_started", previous, BAKING, step=i + 1, share=share, champion=st.champion,
-                       challenger=self.version)
             stats, baked = traffic.bake(share, bake_seconds)
             total_baked += baked
             champion_stats = stats.get("champion")
-            verdict = check_gates(stats["challenger"], deployment.gates, champion_stats, st.baseline_p99_ms)
-            verdict.update(step=i + 1, share=share, bake_seconds=round(baked, 2))
-            current = self.load()  # a person may have aborted or promoted during the bake
-            if current is not None and current.state in TERMINAL | {PROMOTING}:
-                log.info("canary of %s v%s was %s by an operator during the bake", self.name, self.version,
-                         current.state)
-                traffic.set_share(0.0 if current.state != PROMOTING else 1.0)
-                return self.result(current, champion_stats=_public(champion_stats), bake_seconds=total_baked,
-                                   gateway_url=traffic.url)
-            if not verdict["passed"]:
-                reason = "; ".join(verdict["failed"])
-                if deployment.auto_rollback:
-                    traffic.set_share(0.0)
-                    result = self.rollback(st, verdict, reason)
-                    return {**result, "champion_stats": _public(champion_stats),
-                            "bake_seconds": round(total_baked, 2), "gateway_url": traffic.url}
-                st.state, st.reason = HELD, reason
-                self.save(st)
-                self.event("gate_failed_held", BAKING, HELD, step=i + 1, share=share, gates=verdict,
-                           reason=reason)
-                raise CanaryHeld(f"gate failed at step {i + 1} with auto_rollback off, traffic held at "
-                                 f"{share:.0%}: {reason}")
-            if champion_stats and champion_stats.get("p99_ms"):
-                st.baseline_p99_ms = champion_stats["p99_ms"]
-            st.passed.append(verdict)
-            st.step = i + 1
-            self.save(st)
-            self.event("step_passed", BAKING, BAKING if i + 1 < len(st.steps) else PROMOTING, step=i + 1,
-                       share=share, gates=verdict)
-            if after_step is not None:
-                after_step(i, st)
-        result = self.promote(st, "promoted", verdict)
-        if hasattr(traffic, "promoted"):
+            kind, value = self.finish_step(deployment, stats, baked)  # may raise CanaryHeld
+            if kind == "next":
+                if after_step is not None:
+                    after_step(i, self.load())
+                kind, value = self.begin_step(deployment, champion)
+        if value.get("state") not in (PROMOTED, PROMOTING):  # rolled back, or aborted by a person mid-bake
+            traffic.set_share(0.0)
+        elif hasattr(traffic, "promoted"):
             traffic.promoted()
-        return {**result, "champion_stats": _public(champion_stats), "bake_seconds": round(total_baked, 2),
+        return {**value, "champion_stats": _public(champion_stats), "bake_seconds": round(total_baked, 2),
                 "gateway_url": traffic.url}
 
     # -- the deferrable form: one step per task resumption (the bake waits in a trigger, not a worker slot)
