@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from helpers_services import moto_server, mlflow_server, s3_client
+from helpers_services import free_port, moto_server, mlflow_server, s3_client
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +85,8 @@ def celery_stack(tmp_path, new_postgres_db, monkeypatch):
                 "MLFLOW_TRACKING_URI": tracking,
                 "MLPLATFORM_FEAST_ONLINE_STORE": "redis",
                 "MLPLATFORM_REDIS_URL": f"{REDIS[0]}:{REDIS[1]},db={FEAST_DB}",
+                # The triggerer serves its logs on 8794 by default: another stack's triggerer may hold it.
+                "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
                 **celery_env(f"redis://{REDIS[0]}:{REDIS[1]}/{BROKER_DB}", f"db+{airflow_db}", concurrency=2,
                              task_heartbeat_timeout=HEARTBEAT_TIMEOUT),
             }
