@@ -1,8 +1,9 @@
 """Shared by the browser tests of the Airflow UI (test_platform_page.py, test_ui_trigger.py).
 
-A real Airflow (api-server, scheduler, dag-processor; LocalExecutor, SQLite) with the SimpleAuthManager
-in multi-team mode and known users: ``admin`` (platform admin), ``acme_user`` (team acme) and
-``globex_user`` (team globex). Playwright drives Debian's Chromium (/usr/bin/chromium, installed by
+A real Airflow (api-server, scheduler, dag-processor; LocalExecutor, SQLite) in multi-team mode set up the
+way production is: ``mlplatform sync`` makes the teams, one DAG bundle per tenant, team pools and the
+simple-auth-manager users of the tenant files (``admin``; ``acme-dev``, ``acme-viewer``, ``globex-dev``)
+with their passwords. Playwright drives Debian's Chromium (/usr/bin/chromium, installed by
 tests/setup_browser.sh when missing); Playwright never downloads a browser.
 """
 
@@ -20,8 +21,6 @@ import pytest
 from conftest import REPO, set_platform_environ, write_spec
 
 CHROMIUM = Path("/usr/bin/chromium")
-USERS = {"admin": ("admin", None), "acme_user": ("user", "acme"), "globex_user": ("user", "globex")}
-PASSWORDS = {name: f"{name}-pw-0123" for name in USERS}
 
 BROKEN_GLOBEX = ("apiVersion: mlplatform.io/v1\nkind: Pipeline\nmetadata: {name: broken, tenant: globex}\n"
                  "spec:\n  data: {source: globex/accounts, entity: account_id, timestamp: event_timestamp, label: upgraded}\n"
@@ -42,34 +41,21 @@ def ensure_chromium() -> Path:
     return CHROMIUM
 
 
-def auth_env(home: Path) -> dict[str, str]:
-    """SimpleAuthManager with real users and teams (not the local default "everyone is admin")."""
-    home.mkdir(parents=True, exist_ok=True)
-    passwords = home / "simple_auth_manager_passwords.json"
-    passwords.write_text(json.dumps(PASSWORDS))
-    users = ",".join(f"{u}:{role}" + (f":{team}" if team else "") for u, (role, team) in USERS.items())
-    return {
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": users,
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
-        "AIRFLOW__CORE__MULTI_TEAM": "True",
-    }
-
-
-def token(base_url: str, user: str) -> str:
-    r = httpx.post(f"{base_url}/auth/token", json={"username": user, "password": PASSWORDS[user]}, timeout=30)
+def token(base_url: str, user: str, passwords: dict[str, str]) -> str:
+    r = httpx.post(f"{base_url}/auth/token", json={"username": user, "password": passwords[user]}, timeout=30)
     r.raise_for_status()
     return r.json()["access_token"]
 
 
 @contextmanager
 def airflow_with_users(root: Path, broken: bool = True):
-    """Example specs (plus two broken ones), pools synced, users above; yields a dict with env, api (admin),
-    base_url, procs, config."""
+    """Example specs (plus two broken ones), ``mlplatform sync`` (teams, bundles, pools, users), Airflow up;
+    yields a dict: env, api (admin's ApiClient), base_url, procs, config, passwords, root."""
     from mlplatform.config import load_config
-    from mlplatform.local_airflow import ApiClient, airflow, airflow_env, free_port, running_airflow
+    from mlplatform.local_airflow import BIN, AirflowProcesses, ApiClient, airflow, airflow_env, free_port
+    from mlplatform.tenants.sync import read_env_file
 
-    specs = root / "specs"
+    specs, tenancy = root / "specs", root / "tenancy"
     shutil.copytree(REPO / "dags" / "specs", specs)
     if broken:
         write_spec(specs, "globex", "broken", BROKEN_GLOBEX)
@@ -78,17 +64,19 @@ def airflow_with_users(root: Path, broken: bool = True):
                 "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'home' / 'mlflow.db'}"}
     (root / "home").mkdir(parents=True, exist_ok=True)
     restore = set_platform_environ(platform)
-    extra = {**platform, **auth_env(root / "airflow")}
     try:
-        # multi-team: the auth manager refuses users whose teams are not in the metadata DB
-        cli_env = airflow_env(root / "airflow", free_port(), None, extra)
-        airflow(cli_env, "db", "migrate")
-        for team in sorted({team for _, team in USERS.values() if team}):
-            airflow(cli_env, "teams", "create", team)
-        with running_airflow(root / "airflow", extra=extra) as (env, _, procs):
+        env = airflow_env(root / "airflow", free_port(), extra={
+            **platform, "AIRFLOW__CORE__MULTI_TEAM": "True", "MLPLATFORM_TENANCY_DIR": str(tenancy)})
+        airflow(env, "db", "migrate")
+        sync = subprocess.run([str(BIN / "mlplatform"), "sync"], env=env, capture_output=True, text=True, timeout=300)
+        assert sync.returncode == 0, sync.stdout + sync.stderr
+        env.update(read_env_file(tenancy / "airflow.env"))
+        assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"].lower() == "false"
+        passwords = json.loads((tenancy / "passwords.json").read_text())
+        with AirflowProcesses(env) as procs:
             base = procs.base_url
-            api = ApiClient(base, token(base, "admin"))
-            yield {"env": env, "api": api, "base_url": base, "procs": procs, "config": load_config(), "root": root}
+            yield {"env": env, "api": ApiClient(base, token(base, "admin", passwords)), "base_url": base,
+                   "procs": procs, "config": load_config(), "passwords": passwords, "root": root}
     finally:
         restore()
 
@@ -107,13 +95,13 @@ def browser():
             b.close()
 
 
-def login(context, base_url: str, user: str):
+def login(context, base_url: str, user: str, passwords: dict[str, str]):
     """Log in through the SimpleAuthManager's login page; returns the page, on the Airflow UI."""
     page = context.new_page()
     page.goto(f"{base_url}/")
     page.wait_for_url("**/auth/login**")
     page.locator("input[name=username]").fill(user)
-    page.locator("input[name=password]").fill(PASSWORDS[user])
+    page.locator("input[name=password]").fill(passwords[user])
     page.locator("button[type=submit]").click()
     page.wait_for_url(lambda url: "/auth/login" not in url, timeout=60_000)
     return page

@@ -19,29 +19,35 @@ def simple_user(name, role, teams=None):
 
 
 def test_admin_sees_every_tenant():
-    assert tenants_of(simple_user("admin", "admin"), TENANTS) is ALL
-    assert tenants_of(simple_user("root", "ADMIN", ["acme"]), TENANTS) is ALL
+    assert tenants_of(simple_user("admin", "admin"), TENANTS, multi_team=True) is ALL
+    assert tenants_of(simple_user("root", "ADMIN", ["acme"]), TENANTS, multi_team=True) is ALL
     fab = SimpleNamespace(roles=[SimpleNamespace(name="Admin")], get_name=lambda: "ops")
-    assert tenants_of(fab, TENANTS) is ALL
+    assert tenants_of(fab, TENANTS, multi_team=True) is ALL
     assert visible(ALL, TENANTS) == sorted(TENANTS)
 
 
-def test_team_members_see_their_teams_only():
-    assert tenants_of(simple_user("alice", "user", ["acme"]), TENANTS) == {"acme"}
-    assert tenants_of(simple_user("bob", "op", ["acme", "globex"]), TENANTS) == {"acme", "globex"}
-    # teams win over the name convention
-    assert tenants_of(simple_user("globex_carol", "viewer", ["acme"]), TENANTS) == {"acme"}
-    # a team without a tenant file shows nothing
-    assert visible(tenants_of(simple_user("x", "user", ["initech"]), TENANTS), TENANTS) == []
+def test_single_bundle_mode_shows_every_tenant_and_no_user_none():
+    """Without multi-team every user sees every tenant's DAGs in Airflow too (mlplatform.tenants.access)."""
+    assert tenants_of(simple_user("acme-dev", "user"), TENANTS, multi_team=False) is ALL
+    assert tenants_of(None, TENANTS, multi_team=False) == set()
 
 
-def test_name_fallback_without_teams_and_fail_closed():
-    assert tenants_of(simple_user("acme_user", "user"), TENANTS) == {"acme"}
-    assert tenants_of(simple_user("acme-labs_bot", "viewer"), TENANTS) == {"acme-labs"}  # longest tenant name wins
-    assert tenants_of(simple_user("globex", "user"), TENANTS) == {"globex"}
-    assert tenants_of(simple_user("acmeish", "user"), TENANTS) == set()
-    assert tenants_of(simple_user("acme_user", None), TENANTS) == set()  # no role: no access anywhere
-    assert tenants_of(None, TENANTS) == set()
+def test_team_members_see_their_teams_only(monkeypatch):
+    """Multi-team: the auth manager's authorized teams (the simple auth manager: the user's teams)."""
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+    import airflow.api_fastapi.app as api_app
+
+    monkeypatch.setenv("AIRFLOW__CORE__MULTI_TEAM", "True")  # visible_tenants reads the config itself
+    manager = SimpleAuthManager()
+    monkeypatch.setattr(api_app, "get_auth_manager", lambda: manager)
+    monkeypatch.setattr(SimpleAuthManager, "get_authorized_teams",
+                        lambda self, *, user, **kw: self.filter_authorized_teams(
+                            teams_names={"acme", "acme-labs", "globex", "initech"}, user=user))
+    assert tenants_of(simple_user("alice", "user", ["acme"]), TENANTS, multi_team=True) == {"acme"}
+    assert tenants_of(simple_user("bob", "op", ["acme", "globex"]), TENANTS, multi_team=True) == {"acme", "globex"}
+    assert tenants_of(simple_user("carol", "viewer", ["initech"]), TENANTS, multi_team=True) == set()
+    assert tenants_of(simple_user("dave", "user"), TENANTS, multi_team=True) == set()
 
 
 def test_render_escapes_and_marks_values():

@@ -1,19 +1,19 @@
 """Which tenants a signed-in Airflow user may see on the platform page: ``tenants_of(user)``.
 
-Rules, first match wins:
+One definition of "a user's tenants" for the whole platform: tenant = Airflow team, and the auth manager
+decides (:func:`mlplatform.tenants.access.visible_tenants`, the contract ``mlplatform sync`` sets up).
+First match wins:
 
-1. **Platform admin -> every tenant** (``ALL``): the SimpleAuthManager role ``admin`` (also the user of
-   ``simple_auth_manager_all_admins`` mode), or a FAB user with the ``Admin`` role.
-2. **Teams -> those tenants**: with ``[core] multi_team = True`` a tenant is an Airflow team of the same
-   name (``[core] simple_auth_manager_users = "acme_user:user:acme"``; a user may be in several:
-   ``acme|globex``). The user object carries them as ``user.teams``.
-3. **Fallback without teams (multi_team off) -> the tenant its user name starts with**: ``acme`` or
-   ``acme_<anything>`` / ``acme-<anything>`` sees tenant ``acme``. User names are chosen by the platform
-   team (auth manager config), so this is a naming convention, not something a user can pick.
-4. Anything else sees **no tenant** (fail closed): the page then says so.
+1. no user -> no tenant;
+2. **platform admin -> every tenant** (``ALL``): SimpleAuthManager role ``admin`` (also the user of
+   ``simple_auth_manager_all_admins``, the local default), or a FAB user with the ``Admin`` role;
+3. **multi-team mode** (``[core] multi_team = True``, made by ``mlplatform sync``): the tenants whose team
+   the auth manager authorizes the user for (``get_authorized_teams``; for the simple auth manager the
+   ``teams`` of ``simple_auth_manager_users = "acme-dev:user:acme"``). A user in no team sees no tenant;
+4. **single-bundle mode** (multi-team off): every tenant, as the user also sees every tenant's DAGs in
+   Airflow itself; hiding them on one page would only pretend to isolate.
 
-Names that are not tenants (a team without a tenant file, say) are dropped by the caller, which intersects
-with the known tenants (:func:`visible`).
+The page intersects the result with the tenants that have a tenant file (:func:`visible`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,6 @@ class _AllTenants:
         return True
 
     def __repr__(self) -> str:
-        return "ALL"
-
-    def __reduce__(self) -> str:
         return "ALL"
 
 
@@ -60,25 +57,25 @@ def user_name(user: Any) -> str:
     return str(getattr(user, "username", "") or "")
 
 
-def tenants_of(user: Any, known_tenants: Iterable[str] | None = None) -> set[str] | _AllTenants:
-    """``ALL`` for platform admins, else the tenant names the user may see (possibly empty).
+def tenants_of(user: Any, known_tenants: Iterable[str], multi_team: bool | None = None) -> set[str] | _AllTenants:
+    """``ALL`` or the names among ``known_tenants`` that ``user`` may see (possibly none).
 
-    ``known_tenants`` is only needed for the user-name fallback (rule 3).
+    ``multi_team`` defaults to Airflow's ``[core] multi_team``; rule 3 asks the running api-server's auth
+    manager, so it only works inside the api-server.
     """
     if user is None:
         return set()
     if is_platform_admin(user):
         return ALL
-    teams = [t for t in (getattr(user, "teams", None) or []) if t]
-    if teams:
-        return set(teams)
-    name = user_name(user)
-    if not getattr(user, "role", "x"):  # SimpleAuthManager user without a role has no access anywhere
-        return set()
-    for tenant in sorted(known_tenants or (), key=len, reverse=True):
-        if name == tenant or name.startswith((f"{tenant}_", f"{tenant}-")):
-            return {tenant}
-    return set()
+    if multi_team is None:
+        from airflow.configuration import conf
+
+        multi_team = conf.getboolean("core", "multi_team")
+    if not multi_team:
+        return ALL
+    from mlplatform.tenants.access import visible_tenants
+
+    return set(visible_tenants(user, known_tenants))
 
 
 def visible(scope: set[str] | _AllTenants, tenants: Iterable[str]) -> list[str]:

@@ -34,9 +34,7 @@ def create_app():
 
     def page_data(user: Any):
         config = load_config()  # uncached: the api-server's environment, re-read per request
-        known = None
-        if not getattr(user, "teams", None):
-            known = load_catalog(config).tenants  # only the user-name fallback needs the tenant names
+        known = load_catalog(config, only=[]).tenants  # tenant files only; collect() loads the specs
         return collect(config, tenants_of(user, known), user_name(user))
 
     def login_redirect(request: Request) -> RedirectResponse:

@@ -283,8 +283,9 @@ def _state(value: str | None, testid: str) -> str:
 
 
 def _dag_link(dag_id: str, run_id: str | None = None) -> str:
+    """A link into the Airflow UI (the page runs in its iframe: open in the top window)."""
     href = f"/dags/{dag_id}" + (f"/runs/{run_id}" if run_id else "")
-    return f'<a href="{_e(href)}" target="_top">{_e(dag_id)}</a>'
+    return f'<a href="{_e(href)}" target="_top">{_e(run_id or dag_id)}</a>'
 
 
 def render(data: PageData) -> str:
@@ -337,7 +338,7 @@ def render(data: PageData) -> str:
             out.append(f'<tr data-dag="{_e(p.dag_id)}"><td>{_e(p.tenant)}</td><td>{dag}</td>'
                        f'<td>{_e(p.schedule or "manual / on drift")}</td>'
                        f'<td>{_state(run.state if run else None, "run-state")}'
-                       f'{(" " + _dag_link(p.dag_id, run.run_id).replace(_e(p.dag_id), _e(run.run_id), 1)) if run else ""}</td>'
+                       f'{(" " + _dag_link(p.dag_id, run.run_id)) if run else ""}</td>'
                        f'<td data-testid="run-date">{_e(date[:19].replace("T", " ") if date else "")}</td>'
                        f'<td>{_e(run.run_type if run else "")}</td>'
                        f'<td>{_state(p.monitor_latest.state if p.monitor_latest else None, "monitor-state")}</td></tr>')
