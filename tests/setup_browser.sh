@@ -1,6 +1,8 @@
 #!/bin/sh
-# Installs Debian's chromium for tests/test_report_browser.py when /usr/bin/chromium is missing.
-# Run by that test's session fixture (needs root, as in the dev container); does nothing when present.
+# Installs Debian's chromium when /usr/bin/chromium is missing, for tests/test_report_browser.py and the
+# Playwright tests (tests/test_platform_page.py, tests/test_ui_trigger.py: Playwright drives this binary through
+# executable_path and never downloads a browser). Run by those tests' fixtures (needs root, as in the dev
+# container); does nothing when present.
 set -eu
 if [ -x /usr/bin/chromium ]; then
     exit 0
