@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ARTIFACTS, REPO
+from conftest import ARTIFACTS
+from helpers_browser import ensure_chromium
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
 SPEC = {"apiVersion": "mlplatform.io/v1", "kind": "Pipeline", "metadata": {"name": "browser", "tenant": "acme"},
         "spec": {"data": {"source": "acme/x", "entity": "id", "timestamp": "ts", "label": "y"},
                  "monitoring": {"columns": {"b": {"method": "psi", "threshold": 0.2}}}}}
@@ -26,14 +26,7 @@ _ERROR = re.compile(r"CONSOLE.*(Uncaught|Error|is not defined|Failed to load)|ER
 
 @pytest.fixture(scope="session")
 def chromium():
-    if not CHROMIUM.exists():
-        proc = subprocess.run(["sh", str(REPO / "tests" / "setup_browser.sh")], capture_output=True, text=True,
-                              timeout=1200)
-        if proc.returncode == 2:
-            pytest.skip(proc.stderr.strip())
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert CHROMIUM.exists()
-    return CHROMIUM
+    return ensure_chromium()
 
 
 @pytest.fixture(scope="session")
