@@ -91,3 +91,24 @@ def set_platform_environ(env: dict[str, str]):
         get_config.cache_clear()
 
     return restore
+
+
+@pytest.fixture(autouse=True)
+def reset_mlflow_uris():
+    """MLflow's tracking and registry URIs are process-global (``mlflow.set_*_uri``, which the stages call,
+    also export them as environment variables); reset both after every test, and the two variables to what
+    they were before it, so the next test resolves its own URI."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {name: os.environ.get(name) for name in names}
+    yield
+    import sys
+
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -95,15 +95,6 @@ def site(tmp_path_factory):
     read_only.chmod(0o755)
 
 
-@pytest.fixture(autouse=True)
-def reset_tracking():
-    yield
-    import mlflow
-
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
-
-
 @pytest.fixture(scope="module")
 def fresh(site):
     """One uninterrupted training run without checkpoints: (env, result, trainer process)."""
