@@ -93,13 +93,17 @@ def set_platform_environ(env: dict[str, str]):
     return restore
 
 
+_SESSION_REGISTRY_URI = os.environ.get("MLFLOW_REGISTRY_URI")
+
+
 @pytest.fixture(autouse=True)
 def reset_mlflow_uris():
     """MLflow's tracking and registry URIs are process-global (``mlflow.set_*_uri``, which the stages call,
-    also export them as environment variables); reset both after every test, and the two variables to what
-    they were before it, so the next test resolves its own URI."""
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    before = {name: os.environ.get(name) for name in names}
+    also export them as environment variables, and ``set_registry_uri(None)`` leaves its variable behind).
+    After every test: both globals reset, ``MLFLOW_TRACKING_URI`` as it was before the test (module-scoped
+    stacks set it on purpose), ``MLFLOW_REGISTRY_URI`` as it was when the session started (nothing sets it
+    on purpose), so the next test resolves its own registry."""
+    tracking = os.environ.get("MLFLOW_TRACKING_URI")
     yield
     import sys
 
@@ -107,7 +111,7 @@ def reset_mlflow_uris():
     if mlflow is not None:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
-    for name, value in before.items():
+    for name, value in (("MLFLOW_TRACKING_URI", tracking), ("MLFLOW_REGISTRY_URI", _SESSION_REGISTRY_URI)):
         if value is None:
             os.environ.pop(name, None)
         else:

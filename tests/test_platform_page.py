@@ -10,6 +10,7 @@ registry. Screenshot: test-artifacts/platform_page.png.
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import httpx
@@ -34,8 +35,7 @@ def _register_models(config, root) -> None:
 
     from mlplatform.stages.canary_state import CANARY_TAG, SHARE_TAG, STATE_TAG, CanaryState
 
-    mlflow.set_tracking_uri(config.tracking_uri)
-    mlflow.set_registry_uri(config.tracking_uri)
+    assert os.environ["MLFLOW_TRACKING_URI"] == config.tracking_uri  # the stack's; MLflow's fluent API reads it
     client = MlflowClient(config.tracking_uri, config.tracking_uri)
     exp = client.create_experiment("platform-page", artifact_location=(root / "mlartifacts").as_uri())
     model = LogisticRegression().fit([[0.0], [1.0], [2.0], [3.0]], [0, 0, 1, 1])
