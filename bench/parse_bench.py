@@ -48,6 +48,23 @@ EQUIV_HEADER = HAND_HEADER + textwrap.dedent("""
     from airflow.sdk import Asset, AssetAlias, AssetOrTimeSchedule, CronTriggerTimetable, Param
 """)
 
+# The seven pipeline tasks of both hand-written DAGs (formatted with dag_id and i).
+PIPELINE_TASKS = """\
+        validate = PythonOperator(task_id="validate", python_callable=step, pool="acme__cpu")
+        features = PythonOperator(task_id="features", python_callable=step, pool="acme__cpu")
+        train = KubernetesPodOperator(
+            task_id="train", name="train-{i}", namespace="ml-acme", image="mlplatform/trainer:0.1.0",
+            cmds=["python", "/opt/trainer/train.py"], env_vars={{"MLPLATFORM_FRAMEWORK": "xgboost"}},
+            container_resources=k8s.V1ResourceRequirements(requests={{"cpu": "2", "memory": "4Gi"}},
+                                                           limits={{"memory": "4Gi", "nvidia.com/gpu": "1"}}),
+            pool="acme__gpu", pool_slots=1, do_xcom_push=True)
+        evaluate = PythonOperator(task_id="evaluate", python_callable=step, pool="acme__cpu")
+        register = PythonOperator(task_id="register", python_callable=step, pool="acme__cpu")
+        deploy = PythonOperator(task_id="canary_deploy", python_callable=step, pool="acme__cpu")
+        drift = PythonOperator(task_id="drift_monitor", python_callable=step, pool="acme__cpu", trigger_rule="none_failed")
+        validate >> features >> train >> evaluate >> register >> deploy >> drift
+"""
+
 # The same DAG with what the spec gives it too: the trigger form, cron-or-drift schedule, the monitor DAG.
 EQUIV_DAG = textwrap.dedent("""
     with DAG(dag_id="{dag_id}", start_date=datetime(2026, 1, 1), catchup=False, tags=["mlplatform"],
@@ -58,20 +75,7 @@ EQUIV_DAG = textwrap.dedent("""
                      "skip_canary": Param(False, type="boolean"),
                      "hp_max_depth": Param(4, type="integer", minimum=2, maximum=10),
                      "hp_n_estimators": Param(120, type="integer", minimum=20, maximum=500)}}) as dag_{i}:
-        validate = PythonOperator(task_id="validate", python_callable=step, pool="acme__cpu")
-        features = PythonOperator(task_id="features", python_callable=step, pool="acme__cpu")
-        train = KubernetesPodOperator(
-            task_id="train", name="train-{i}", namespace="ml-acme", image="mlplatform/trainer:0.1.0",
-            cmds=["python", "/opt/trainer/train.py"], env_vars={{"MLPLATFORM_FRAMEWORK": "xgboost"}},
-            container_resources=k8s.V1ResourceRequirements(requests={{"cpu": "2", "memory": "4Gi"}},
-                                                           limits={{"memory": "4Gi", "nvidia.com/gpu": "1"}}),
-            pool="acme__gpu", pool_slots=1, do_xcom_push=True)
-        evaluate = PythonOperator(task_id="evaluate", python_callable=step, pool="acme__cpu")
-        register = PythonOperator(task_id="register", python_callable=step, pool="acme__cpu")
-        deploy = PythonOperator(task_id="canary_deploy", python_callable=step, pool="acme__cpu")
-        drift = PythonOperator(task_id="drift_monitor", python_callable=step, pool="acme__cpu", trigger_rule="none_failed")
-        validate >> features >> train >> evaluate >> register >> deploy >> drift
-    with DAG(dag_id="{dag_id}__monitor", schedule="@daily", start_date=datetime(2026, 1, 1), catchup=False,
+""" + PIPELINE_TASKS + """    with DAG(dag_id="{dag_id}__monitor", schedule="@daily", start_date=datetime(2026, 1, 1), catchup=False,
              max_active_runs=1, params={{"as_of": Param(None, type=["null", "string"], format="date")}}):
         PythonOperator(task_id="drift_check", python_callable=step, pool="acme__cpu",
                        outlets=[AssetAlias(name="{dag_id}__drift__monitor")])
@@ -80,20 +84,7 @@ EQUIV_DAG = textwrap.dedent("""
 HAND_DAG = textwrap.dedent("""
     with DAG(dag_id="{dag_id}", schedule="0 3 * * *", start_date=datetime(2026, 1, 1), catchup=False,
              tags=["mlplatform"], max_active_runs=2) as dag_{i}:
-        validate = PythonOperator(task_id="validate", python_callable=step, pool="acme__cpu")
-        features = PythonOperator(task_id="features", python_callable=step, pool="acme__cpu")
-        train = KubernetesPodOperator(
-            task_id="train", name="train-{i}", namespace="ml-acme", image="mlplatform/trainer:0.1.0",
-            cmds=["python", "/opt/trainer/train.py"], env_vars={{"MLPLATFORM_FRAMEWORK": "xgboost"}},
-            container_resources=k8s.V1ResourceRequirements(requests={{"cpu": "2", "memory": "4Gi"}},
-                                                           limits={{"memory": "4Gi", "nvidia.com/gpu": "1"}}),
-            pool="acme__gpu", pool_slots=1, do_xcom_push=True)
-        evaluate = PythonOperator(task_id="evaluate", python_callable=step, pool="acme__cpu")
-        register = PythonOperator(task_id="register", python_callable=step, pool="acme__cpu")
-        deploy = PythonOperator(task_id="canary_deploy", python_callable=step, pool="acme__cpu")
-        drift = PythonOperator(task_id="drift_monitor", python_callable=step, pool="acme__cpu", trigger_rule="none_failed")
-        validate >> features >> train >> evaluate >> register >> deploy >> drift
-""")
+""" + PIPELINE_TASKS)
 
 
 def make_spec_tree(root: Path, n: int) -> Path:
