@@ -204,6 +204,18 @@ def test_bad_views_fail_before_touching_feast(config, source, views, message):
     assert not (config.feast_root / "acme" / "registry.db").exists()
 
 
+@pytest.mark.parametrize("column", ['x"; DROP TABLE t; --', "{{ conn.secret }}", "a b", "1st", "é", "x" * 65])
+def test_hostile_column_names_in_the_data_are_refused(config, source, column):
+    """Column names are data, not linted spec text: one that is no plain identifier never reaches Feast's SQL."""
+    for day in DAYS:
+        path = config.data_root / "acme/churn" / f"dt={day}" / "part-0.parquet"
+        pd.read_parquet(path).assign(**{column: 1.0}).to_parquet(path, index=False)
+    with pytest.raises(StageFailed, match="cannot be features: a feature name must be letters") as err:
+        run(make_ctx(config, views=[]))
+    assert column[:40] in str(err.value) or repr(column[:40]) in str(err.value)
+    assert not (config.feast_root / "acme" / "registry.db").exists()
+
+
 def test_partition_missing_a_column_fails(config, source):
     path = config.data_root / "acme/churn" / f"dt={DAYS[1]}" / "part-0.parquet"
     pd.read_parquet(path).drop(columns=["usage_gb"]).to_parquet(path, index=False)

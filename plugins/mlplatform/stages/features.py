@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from mlplatform.config import PlatformConfig
-from mlplatform.spec.model import duration_seconds
+from mlplatform.spec.model import COLUMN_RE, duration_seconds
 from mlplatform.stages.context import RunContext, StageFailed
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def _view_plan(ctx: RunContext, columns: list[str]) -> list[tuple[str, list[str]
     if declared:
         plan = [(feast_name(v.name), list(v.features), duration_seconds(v.ttl)) for v in declared]
     else:
-        plan = [(feast_name(ctx.spec.metadata.name), ctx.spec.feature_columns(columns), duration_seconds("30d"))]
+        plan = [(feast_name(ctx.spec.metadata.name), data_feature_columns(ctx, columns), duration_seconds("30d"))]
     seen: set[str] = set()
     for view, features, _ in plan:
         for f in features:
@@ -103,6 +104,22 @@ def _view_plan(ctx: RunContext, columns: list[str]) -> list[tuple[str, list[str]
     if not seen:
         raise StageFailed("no feature columns: the source holds only the entity, timestamp and label")
     return plan
+
+
+def data_feature_columns(ctx: RunContext, columns: list[str]) -> list[str]:
+    """The default features (every other column of the data), refused unless each name is a plain identifier.
+
+    Column names come from the tenant's data, not the linted spec: they reach Feast's SQL, MLflow signatures
+    and reports, so they get the same rule as the spec's own column fields.
+    """
+    features = ctx.spec.feature_columns(columns)
+    bad = [c for c in features if not (len(c) <= 64 and re.match(COLUMN_RE, c))]
+    if bad:
+        shown = ", ".join(repr(c[:40]) for c in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise StageFailed(f"column name(s) {shown} of the source cannot be features: a feature name must be letters, "
+                          "digits and underscores, starting with a letter or underscore, at most 64 characters; "
+                          "rename the columns or list the features in spec.data.features")
+    return features
 
 
 def _feast_dtype(name: str, pa_type):
