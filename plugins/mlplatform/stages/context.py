@@ -16,8 +16,9 @@ class StageFailed(Exception):
 
 
 def run_key(run_id: str) -> str:
-    """A filesystem- and tag-safe form of an Airflow run id."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id)[:200]
+    """A filesystem- and tag-safe form of an Airflow run id (a person may choose it: never ``..`` or hidden)."""
+    key = re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id)[:200]
+    return "_" + key if key.startswith(".") or not key else key
 
 
 @dataclass(frozen=True)
