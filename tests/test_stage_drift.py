@@ -69,3 +69,28 @@ def test_missing_feature_in_current_data_fails(ctx, reference, tmp_path):
     path = write_parquet(churn_frame(300).drop(columns=["plan"]), tmp_path / "cur.parquet")
     with pytest.raises(StageFailed, match="has no column\\(s\\) plan"):
         compute_drift(ctx, reference, [path], FEATURES)
+
+
+def test_report_html_never_lets_data_close_its_script_block(tmp_path):
+    """A category value is tenant data: inlined raw, ``</script><script>`` would run in the reader's browser."""
+    import pandas as pd
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    from mlplatform.stages.drift import save_html
+
+    payload = "</script><script>window.PWNED=1</script><!--&"
+    definition = DataDefinition(categorical_columns=["plan"], numerical_columns=["n"])
+    ref = pd.DataFrame({"plan": ["a", "b"] * 60, "n": range(120)})
+    cur = pd.DataFrame({"plan": [payload, "b"] * 60, "n": range(120)})
+    snapshot = Report([DataDriftPreset()], include_tests=True).run(
+        Dataset.from_pandas(cur, data_definition=definition), Dataset.from_pandas(ref, data_definition=definition))
+    assert payload in snapshot.get_html_str(as_iframe=False)  # Evidently's own rendering is open to it
+    html = tmp_path / "report.html"
+    save_html(snapshot, html)
+    text = html.read_text()
+    assert payload not in text and "window.PWNED" in text  # present, but only as escaped JSON
+    start = text.index("var ", text.index("<script>\n    var "))
+    first = text[start:].split("\n", 1)[0]
+    data = json.loads(first.split(" = ", 1)[1].rstrip(";"))
+    assert payload in json.dumps(data, ensure_ascii=False)

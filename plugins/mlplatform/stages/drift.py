@@ -16,6 +16,36 @@ _DRIFTED = {"FAIL", "WARNING"}
 _TESTED = _DRIFTED | {"SUCCESS"}
 
 
+def save_html(snapshot, path: Path) -> None:
+    """Write the report's HTML with its embedded data safe for a ``<script>`` block.
+
+    Evidently inlines the report data as ``json.dumps`` output inside ``<script>``; a category value such as
+    ``</script><script>...`` (tenant data) would end that block and run as script in whoever opens the
+    report. ``<``, ``>`` and ``&`` become JSON unicode escapes, which decode to the same strings.
+    """
+    from evidently.legacy.utils import dashboard
+
+    encoder = dashboard.NumpyEncoder
+    dashboard.NumpyEncoder = _ScriptSafeEncoder.with_base(encoder)
+    try:
+        text = snapshot.get_html_str(as_iframe=False)
+    finally:
+        dashboard.NumpyEncoder = encoder
+    Path(path).write_text(text, encoding="utf-8")
+
+
+class _ScriptSafeEncoder:
+    """Mixin for a ``json.JSONEncoder``: ``<``, ``>`` and ``&`` as unicode escapes."""
+
+    @classmethod
+    def with_base(cls, base: type) -> type:
+        return type("ScriptSafe" + base.__name__, (cls, base), {})
+
+    def encode(self, o):
+        text = super().encode(o)  # type: ignore[misc]
+        return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def compute_drift(ctx: RunContext, reference: Path, current_files: list[Path], feature_columns: list[str]) -> dict:
     """Test each feature for drift; drift is detected when the drifted share reaches the spec's threshold."""
     if not reference.exists():
@@ -49,7 +79,7 @@ def drift_between(spec, reference_files: list[Path], current_files: list[Path], 
     snapshot = _run_report(ref, cur, feature_columns, entity, timestamp, threshold, methods, thresholds)
     out_dir.mkdir(parents=True, exist_ok=True)
     html, json_path = out_dir / f"{prefix}.html", out_dir / f"{prefix}.json"
-    snapshot.save_html(str(html))  # Evidently silently writes nothing when given a Path
+    save_html(snapshot, html)
     text = snapshot.json()
     json_path.write_text(text)
     columns = _column_verdicts(json.loads(text))

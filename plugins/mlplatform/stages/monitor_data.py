@@ -61,14 +61,14 @@ def prediction_drift(spec, model, columns: list[str], reference, current, out_di
     """Drift of the champion's P(label=1) on ``current`` against on ``reference``; writes an HTML report."""
     import pandas as pd
 
-    from mlplatform.stages.drift import _column_verdicts, _run_report
+    from mlplatform.stages.drift import _column_verdicts, _run_report, save_html
 
     ref = pd.DataFrame({PREDICTION: model.predict_proba(reference[columns].astype("float64"))[:, 1]})
     cur = pd.DataFrame({PREDICTION: model.predict_proba(current[columns].astype("float64"))[:, 1]})
     threshold = spec.spec.monitoring.drift_threshold
     snapshot = _run_report(ref, cur, [PREDICTION], None, None, threshold)
     html = out_dir / "prediction_drift.html"
-    snapshot.save_html(str(html))
+    save_html(snapshot, html)
     verdicts = _column_verdicts(json.loads(snapshot.json()))
     verdict = verdicts[0] if verdicts else {"column": PREDICTION, "method": None, "score": None,
                                             "threshold": None, "drifted": False}
