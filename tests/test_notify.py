@@ -68,7 +68,8 @@ def test_notifier_posts_json(monkeypatch, receiver):
     path, headers, body = receiver.got[0]
     assert path == "/alerts" and headers["X-Team"] == "acme"
     assert body["event"] == "drift" and body["tenant"] == "acme" and body["details"] == {"drift_share": 0.5}
-    assert body["message"] == "drift in acme__churn__monitor" and body["run_id"] == "manual__1"
+    assert body["dag_id"] == "acme__churn__monitor" and body["run_id"] == "manual__1"
+    assert body["message"] == "drift in {{ ti.dag_id }}"  # a value, never a template (tenant text)
 
 
 def test_notifier_rejects_unknown_event():
@@ -168,3 +169,67 @@ def test_email_alerts_through_the_smtp_provider(monkeypatch, smtp_receiver):
 def test_bad_alert_email_is_a_clear_error():
     with pytest.raises(ValueError, match="email"):
         _tenant({"email": ["not an address"]})
+
+
+# --- tenant text is never template source (issue 11) ------------------------------------------------------
+
+CONN_SECRET = "SENTINEL-conn-password-6c1f"
+VAR_SECRET = "SENTINEL-variable-9e42"
+PAYLOAD = "{{ conn.platform_db.password }}|{{ var.value.platform_secret }}|{% raw %}x{% endraw %}"
+
+
+def _task_context(ti):
+    """What a real task gives a notifier: Airflow's own ``conn`` / ``var`` accessors (they resolve secrets)."""
+    from airflow.sdk.execution_time.context import ConnectionAccessor, VariableAccessor
+
+    return {"ti": ti, "run_id": ti.run_id, "conn": ConnectionAccessor(),
+            "var": {"value": VariableAccessor(deserialize_json=False), "json": VariableAccessor(deserialize_json=True)}}
+
+
+def test_tenant_text_reaches_email_and_webhook_literally(monkeypatch, smtp_receiver, receiver):
+    """A ``{{ conn... }}`` / ``{{ var.value... }}`` payload in tenant text (data.source, a column name, a
+    rejection reason) arrives as written: through the SMTP provider's notifier, the webhook and the stage
+    callback, with a real platform connection and variable defined in the environment."""
+    from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+
+    monkeypatch.setenv("AIRFLOW_CONN_PLATFORM_DB", json.dumps({
+        "conn_type": "postgres", "host": "db.internal", "login": "airflow", "password": CONN_SECRET}))
+    monkeypatch.setenv("AIRFLOW_VAR_PLATFORM_SECRET", VAR_SECRET)
+    monkeypatch.setenv("AIRFLOW_CONN_TEAM_SMTP", json.dumps({
+        "conn_type": "smtp", "host": "127.0.0.1", "port": smtp_receiver.port,
+        "extra": {"disable_ssl": True, "disable_tls": True, "from_email": "mlplatform@example.test"}}))
+    _conn(monkeypatch, "acme_alerts", host=f"{receiver.url}/a")
+    ti = SimpleNamespace(dag_id="acme__churn", run_id="manual__x", task_id="evaluate")
+
+    # Control: the upstream notifier renders this context, and the accessors do reach the secrets. Without
+    # the fix this is exactly what the tenant's mailbox received.
+    SmtpNotifier(to="ops@platform.test", smtp_conn_id="team_smtp", subject="control",
+                 html_content=PAYLOAD)(_task_context(ti))
+    control = smtp_receiver.messages.pop()[1]
+    control_body = next(p for p in control.walk() if p.get_content_type() == "text/html").get_payload(decode=True)
+    assert CONN_SECRET in control_body.decode() and VAR_SECRET in control_body.decode()
+
+    tenant = _tenant({"webhook_connection": "acme_alerts", "email": ["ml-oncall@acme.test"],
+                      "email_connection": "team_smtp", "events": ["drift", "retrain_rejected"]})
+    details = {"drifted_columns": [{"column": PAYLOAD}], "current": f"{PAYLOAD}@dt=2026-11-08"}
+    assert send_alert(tenant, "churn", "drift", f"drift in acme/{PAYLOAD}", details, _task_context(ti))
+    callback = stage_alert_callback(tenant, "churn", "evaluate")
+    callback(_task_context(SimpleNamespace(task_id="evaluate", dag_id="acme__churn", run_id="manual__x",
+                                           xcom_pull=lambda task_ids: {"decision": "rejected", "reason": PAYLOAD})))
+
+    mails = [next(p for p in m.walk() if p.get_content_type() == "text/html").get_payload(decode=True).decode()
+             + m["Subject"] for _, m in smtp_receiver.messages]
+    hooks = [json.dumps(body) for _, _, body in receiver.got]
+    assert len(mails) == 2 and len(hooks) == 2
+    for text in mails + hooks:
+        assert CONN_SECRET not in text and VAR_SECRET not in text
+        assert "{{ conn.platform_db.password }}" in text and "{% raw %}" in text, text[:500]
+    assert json.loads(hooks[0])["message"] == f"drift in acme/{PAYLOAD}"
+    assert json.loads(hooks[1])["details"]["reason"] == PAYLOAD
+
+
+def test_notifiers_have_no_template_fields():
+    from mlplatform.notify import StageOutcomeNotifier, plain_smtp_notifier_class
+
+    for cls in (WebhookNotifier, StageOutcomeNotifier, plain_smtp_notifier_class()):
+        assert tuple(cls.template_fields) == () and tuple(cls.template_ext) == (), cls

@@ -10,6 +10,12 @@ the webhook URL (``http(s)://...``; or host + port + schema + ``extra.path``), w
 Email (``spec.alerts.email``) goes through the SMTP provider's ``SmtpNotifier`` and the tenant's
 ``email_connection`` (default ``smtp_default``), imported only when an alert is sent.
 Imports nothing heavy: it is used at DAG-parse time to attach callbacks.
+
+No template rendering, ever: alert text carries tenant-controlled strings (``data.source``, column names,
+rejection reasons, drifted category values), and Airflow renders a notifier's ``template_fields`` as Jinja with
+``conn`` and ``var`` in the context, so ``{{ conn.x.password }}`` in a column name would mail a platform secret
+to the tenant. Both notifiers here have no template fields and never render (``_PlainText``); tenant text is
+only ever a value (a JSON string, HTML-escaped text), never template source.
 """
 
 from __future__ import annotations
@@ -68,13 +74,30 @@ def alert_payload(event: str, tenant: str, pipeline: str, message: str, details:
     }
 
 
-class WebhookNotifier(BaseNotifier):
-    """Posts one JSON alert to the generic webhook of an Airflow connection.
+class _PlainText:
+    """Mixin for a notifier whose fields are sent as they are: nothing is rendered as a Jinja template.
 
-    Use as a callback (``on_failure_callback=WebhookNotifier(...)``) or call it with a task's context.
+    ``BaseNotifier.__call__`` renders ``template_fields``, and the SMTP provider's notifier re-renders fields it
+    fills from the connection's templates; both go through these two methods. Tenant text must never be
+    template source (see the module docstring).
     """
 
-    template_fields = ("message",)
+    template_fields: tuple[str, ...] = ()
+    template_ext: tuple[str, ...] = ()
+
+    def render_template_fields(self, context, jinja_env=None) -> None:
+        return None
+
+    def _do_render_template_fields(self, parent, template_fields, context, jinja_env, seen_oids) -> None:
+        return None
+
+
+class WebhookNotifier(_PlainText, BaseNotifier):
+    """Posts one JSON alert to the generic webhook of an Airflow connection.
+
+    Use as a callback (``on_failure_callback=WebhookNotifier(...)``) or call it with a task's context. The
+    message is sent as given: it is not a template (it carries tenant text).
+    """
 
     def __init__(self, *, connection_id: str, event: str, tenant: str, pipeline: str, message: str = "",
                  details: dict | None = None, timeout: float = TIMEOUT_S):
@@ -120,13 +143,27 @@ def email_notifier(tenant: Any, pipeline: str, event: str, message: str, details
     """The SMTP provider's notifier for one alert (subject and an HTML body with the details)."""
     from html import escape
 
-    from airflow.providers.smtp.notifications.smtp import SmtpNotifier
-
     rows = "".join(f"<tr><th align=left>{escape(str(k))}</th><td><pre>{escape(json.dumps(v, default=str, indent=1))}"
                    f"</pre></td></tr>" for k, v in (details or {}).items())
-    return SmtpNotifier(to=tenant_emails(tenant, event), smtp_conn_id=tenant.spec.alerts.email_connection,
-                        subject=f"[mlplatform] {event}: {tenant.name}/{pipeline}",
-                        html_content=f"<p>{escape(message)}</p><table>{rows}</table>")
+    return plain_smtp_notifier_class()(to=tenant_emails(tenant, event), smtp_conn_id=tenant.spec.alerts.email_connection,
+                                       subject=f"[mlplatform] {event}: {tenant.name}/{pipeline}",
+                                       html_content=f"<p>{escape(message)}</p><table>{rows}</table>")
+
+
+_PLAIN_SMTP: type | None = None
+
+
+def plain_smtp_notifier_class() -> type:
+    """The SMTP provider's ``SmtpNotifier`` with rendering disabled (subject and HTML body are sent as built).
+
+    Made on first use: the provider is imported only when an alert is emailed.
+    """
+    global _PLAIN_SMTP
+    if _PLAIN_SMTP is None:
+        from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+
+        _PLAIN_SMTP = type("PlainSmtpNotifier", (_PlainText, SmtpNotifier), {"__module__": __name__})
+    return _PLAIN_SMTP
 
 
 def send_alert(tenant: Any, pipeline: str, event: str, message: str, details: dict | None, context: dict) -> bool:
@@ -156,7 +193,7 @@ def send_alert(tenant: Any, pipeline: str, event: str, message: str, details: di
     return sent
 
 
-class StageOutcomeNotifier(BaseNotifier):
+class StageOutcomeNotifier(_PlainText, BaseNotifier):
     """An ``on_success_callback`` for the evaluate and canary_deploy tasks of a training DAG.
 
     Reads the task's own result (XCom ``return_value``) and alerts on ``decision == "rejected"`` (evaluate)
