@@ -249,12 +249,19 @@ def parse_instant(body: dict) -> float | None:
     return None if value != value else value  # NaN: no samples
 
 
+def promql_label(value: str) -> str:
+    """A value for a double-quoted PromQL label matcher: backslashes and quotes escaped, so a name can never
+    end the string and change the query."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def gate_stats(fetch: Callable[[str], float | None], namespace: str, revision: str | None,
                window_s: int) -> dict[str, Any]:
     """One revision's gate figures over the bake window, in the gateway's stats shape."""
     if revision is None:
         return {"requests": 0, "errors": 0, "error_rate": 0.0, "p99_ms": None}
-    q = {k: v.format(ns=namespace, rev=revision, w=max(int(window_s), 1)) for k, v in PROMQL.items()}
+    q = {k: v.format(ns=promql_label(namespace), rev=promql_label(revision), w=max(int(window_s), 1))
+         for k, v in PROMQL.items()}
     requests = round(fetch(q["requests"]) or 0)
     errors = round(fetch(q["errors"]) or 0)
     p99 = fetch(q["p99_ms"])

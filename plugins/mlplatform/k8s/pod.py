@@ -105,10 +105,17 @@ def _env(env: dict[str, str], tenant: str) -> list[dict[str, Any]]:
         names = clashes + [str(path[0]) for path, _ in found]
         raise ValueError(f"literal secrets in the trainer env: {', '.join(names)}; use Secret references")
     literal = {**env, "MLPLATFORM_SCRATCH_DIR": SCRATCH_DIR, "TMPDIR": SCRATCH_DIR, "HOME": SCRATCH_DIR}
-    out: list[dict[str, Any]] = [{"name": k, "value": str(v)} for k, v in sorted(literal.items())]
+    out: list[dict[str, Any]] = [{"name": k, "value": literal_env_value(v)} for k, v in sorted(literal.items())]
     secret = credentials_secret(tenant)
     out += [{"name": k, "valueFrom": {"secretKeyRef": {"name": secret, "key": k}}} for k in SECRET_ENV]
     return out
+
+
+def literal_env_value(value: Any) -> str:
+    """A container env value that reaches the trainer as written: the kubelet expands ``$(NAME)`` in env values
+    (Kubernetes dependent environment variables), and these values carry tenant text (label, column names,
+    hyperparameters), so ``$(`` is escaped as ``$$(``."""
+    return str(value).replace("$(", "$$(")
 
 
 def render_train_pod(ctx: RunContext, env: dict[str, str], memory: str | None = None) -> dict[str, Any]:
