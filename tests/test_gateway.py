@@ -205,7 +205,7 @@ def test_tenant_tokens(registry, tmp_path):
         assert http.post(URL_PATH, json={"instances": row},
                          headers={"Authorization": f"Bearer {globex}"}).status_code == 403
         assert http.post(URL_PATH, json={"instances": row},
-                         headers={"Authorization": "Bearer wrong"}).status_code == 403
+                         headers={"Authorization": "Bearer wrong"}).status_code == 401  # unknown token
         ok = http.post(URL_PATH, json={"instances": row}, headers={"Authorization": f"Bearer {acme}"})
         assert ok.status_code == 200 and ok.json()["model_version"] == "1"
         assert http.get("/v1/models/acme/churn/stats").status_code == 401
@@ -337,9 +337,11 @@ def test_standalone_gateway_restores_routes_after_restart(registry, tmp_path):
     client.set_registered_model_alias(NAME, "champion", "1")
     home = tmp_path / "home"
     token = add_token(home / "gateway" / "tokens.json", "acme")
+    platform = {"Authorization": f"Bearer {add_token(home / 'gateway' / 'tokens.json', '*')}"}
     port = _free_port()
     env = {"MLFLOW_TRACKING_URI": registry["uri"], "MLPLATFORM_HOME": str(home),
-           "MLPLATFORM_GATEWAY_HOST": "127.0.0.1", "MLPLATFORM_GATEWAY_PORT": str(port)}
+           "MLPLATFORM_GATEWAY_HOST": "127.0.0.1", "MLPLATFORM_GATEWAY_PORT": str(port),
+           "MLPLATFORM_GATEWAY_MAX_INSTANCES": "5"}
     url = f"http://127.0.0.1:{port}"
     row = registry["x"].head(1).to_dict("records")
     auth = {"Authorization": f"Bearer {token}"}
@@ -348,19 +350,28 @@ def test_standalone_gateway_restores_routes_after_restart(registry, tmp_path):
         _wait_ready(url, proc)
         assert httpx.post(url + URL_PATH, json={"instances": row}).status_code == 401
         assert httpx.post(url + URL_PATH, json={"instances": row}, headers=auth).json()["model_version"] == "1"
+        assert httpx.get(url + "/v1/routes").status_code == 401
+        # the limits come from the environment
+        too_many = httpx.post(url + URL_PATH, json={"instances": row * 6}, headers=auth)
+        assert too_many.status_code == 413 and "limit is 5" in too_many.json()["detail"]
+        # issue 11: 19 MB without a token cost 170 MB of RSS before the 401; now the body is never read
+        rss = _rss_kib(proc.pid)
+        for _ in range(3):
+            assert _post_raw(port, b"x" * 19_000_000)[0] == 401
+        assert _rss_kib(proc.pid) - rss < 10_000, (rss, _rss_kib(proc.pid))
         # the deploy stage moves a canary in: challenger 2 at 40%
         client.set_registered_model_alias(NAME, "challenger", "2")
         client.set_registered_model_tag(NAME, SHARE_TAG, "0.4")
         want = {"champion": "1", "challenger": "2", "share": 0.4}
         deadline = time.monotonic() + 30
-        while httpx.get(url + "/v1/routes").json()["routes"].get(NAME) != want:
+        while httpx.get(url + "/v1/routes", headers=platform).json()["routes"].get(NAME) != want:
             assert time.monotonic() < deadline, "hot reload did not happen"
             time.sleep(0.2)
         proc.terminate()
         assert proc.wait(timeout=30) == 0
         proc = _start_gateway(env, tmp_path / "gateway.log")
         _wait_ready(url, proc)
-        assert httpx.get(url + "/v1/routes").json()["routes"][NAME] == want
+        assert httpx.get(url + "/v1/routes", headers=platform).json()["routes"][NAME] == want
         variants = {httpx.post(url + URL_PATH, json={"instances": row}, headers=auth).json()["variant"]
                     for _ in range(40)}
         assert variants == {"champion", "challenger"}
@@ -387,3 +398,283 @@ def test_token_from_env_is_stored_once(tmp_path, monkeypatch):
     assert TokenAuth.from_file(tokens).digests == {"*": [digest("s3cret-platform-token")]}
     monkeypatch.delenv("GATEWAY_PLATFORM_TOKEN")
     assert main(["token", "*", "--tokens-file", str(tokens), "--from-env", "GATEWAY_PLATFORM_TOKEN"]) == 2
+
+
+# --- hardening (issue 11): hostile clients and hostile tenants, over real HTTP ----------------------------
+
+import socket  # noqa: E402
+import time  # noqa: E402
+
+from mlplatform.serving.guard import Limits  # noqa: E402
+
+SMALL = Limits(max_body_bytes=64 * 1024, max_instances=50, max_header_bytes=8 * 1024, read_timeout=1.0,
+               max_connections=64)
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of one HTTP/1.1 response (raises socket.timeout when none comes)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed without a response: {data[:200]!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def _request_head(port: int, path: str = URL_PATH, token: str | None = None, length: int | None = None,
+                  chunked: bool = False, extra: str = "") -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n{extra}"
+    if token:
+        head += f"Authorization: Bearer {token}\r\n"
+    if length is not None:
+        head += f"Content-Length: {length}\r\n"
+    if chunked:
+        head += "Transfer-Encoding: chunked\r\n"
+    return (head + "\r\n").encode()
+
+
+def _post_raw(port: int, body: bytes, token: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    """POST ``body`` whole (a server that stops reading early may reset the upload: that is fine)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(_request_head(port, token=token, length=len(body)))
+        try:
+            sock.sendall(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        return _read_response(sock)
+
+
+@pytest.fixture
+def hardened(tmp_path):
+    """A gateway with tokens for acme, globex and the platform, serving acme.churn and globex.fraud with a
+    stand-in model that records every call, under small limits."""
+    from mlplatform.serving.auth import TokenAuth, add_token
+
+    tokens = tmp_path / "tokens.json"
+    acme, globex, platform = (add_token(tokens, t) for t in ("acme", "globex", "*"))
+    calls: list[int] = []
+
+    def loader(uri, name, version):
+        def predict(rows):
+            calls.append(len(rows))
+            return [0.5] * len(rows)
+        return predict
+
+    routes = RoutingTable({NAME: Route("1"), "globex.fraud": Route("7")})
+    app = create_app("unused", routes, tmp_path / "predictions", auth=TokenAuth.from_file(tokens),
+                     loader=loader, limits=SMALL)
+    with GatewayServer(app) as server:
+        yield {"server": server, "port": server.port, "acme": acme, "globex": globex, "platform": platform,
+               "calls": calls, "log": tmp_path / "predictions", "url": server.url}
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_token_is_checked_before_the_body_is_read(hardened):
+    """Only the headers are sent, announcing 19 MB: the answer comes at once, so no body was read."""
+    port = hardened["port"]
+    for token, want in ((None, 401), ("wrong", 401), (hardened["globex"], 403), (hardened["acme"], 413)):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(_request_head(port, token=token, length=19_000_000))
+            status, headers, body = _read_response(sock)
+            assert status == want, (token, status, body)
+            assert headers["connection"] == "close" and sock.recv(1) == b""  # and the upload is cut off
+        if want == 413:
+            assert "65536 bytes" in json.loads(body)["detail"]
+    assert hardened["calls"] == [] and not list(hardened["log"].glob("*.jsonl"))  # no handler ran, nothing logged
+
+
+def test_streamed_body_is_cut_at_the_limit(hardened):
+    """Chunked upload with a valid token: 413 once the limit is passed, without waiting for the end."""
+    port = hardened["port"]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(_request_head(port, token=hardened["acme"], chunked=True))
+        chunk = b"2000\r\n" + b" " * 0x2000 + b"\r\n"  # 8 KiB chunks, never the final 0-chunk
+        for _ in range(10):
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        status, _, body = _read_response(sock)
+    assert status == 413 and "limit of 65536 bytes" in json.loads(body)["detail"]
+    # a chunked body under the limit is served
+    rows = json.dumps({"instances": [{"f1": 1.0}] * 3}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(_request_head(port, token=hardened["acme"], chunked=True)
+                     + b"%x\r\n%s\r\n0\r\n\r\n" % (len(rows), rows))
+        status, _, body = _read_response(sock)
+    assert status == 200 and json.loads(body)["predictions"] == [0.5] * 3
+    assert hardened["calls"] == [3]
+
+
+def test_instances_are_capped_on_every_predict_route(hardened):
+    row, auth = {"f1": 1.0, "f2": "x", "f3": None}, _bearer(hardened["acme"])
+    with httpx.Client(base_url=hardened["url"], headers=auth) as http:
+        assert http.post(URL_PATH, json={"instances": [row] * 50}).status_code == 200
+        assert http.post("/v1/models/acme/churn:batchPredict", json={"instances": [row] * 50}).status_code == 200
+        assert http.post(URL_PATH, json={"inputs": row}).status_code == 200
+        for path in (URL_PATH, "/v1/models/acme/churn:batchPredict"):
+            r = http.post(path, json={"instances": [row] * 51})
+            assert r.status_code == 413 and "instances" in r.text and "limit is 50" in r.text, r.text
+            # many tiny rows inside the byte limit are stopped while parsing, before they are all built
+            r = http.post(path, content=b'{"instances": [' + b",".join([b"{}"] * 20_000) + b"]}")
+            assert r.status_code == 413 and "limit is 50" in r.text, r.text
+    assert hardened["calls"] == [50, 50, 1]
+    logged = (hardened["log"] / f"{NAME}.jsonl").read_text().splitlines()
+    assert [json.loads(line)["n_instances"] for line in logged] == [50, 50, 1]
+
+
+HOSTILE_ROWS = [  # one row (the JSON text of {feature: value}), the status and a word of the message
+    (b'{"f1": NaN}', 400, "finite"),
+    (b'{"f1": Infinity}', 400, "finite"),
+    (b'{"f1": -Infinity}', 400, "finite"),
+    (b'{"f1": 1e400}', 400, "finite"),
+    (b'{"f1": ' + b"9" * 5000 + b"}", 400, "invalid number"),
+    (b'{"a":' * 5_000 + b"1" + b"}" * 5_000, 400, "nested too deeply"),
+    (b'{"f1": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", 400, "nested too deeply"),
+    (b'{"f1": {"a": 1}}', 422, "feature values"),
+    (b'{"f1": [1, 2]}', 422, "feature values"),
+    (b'[1, 2]', 422, "an object"),
+    (b'{"f1": 1', 400, "not valid JSON"),
+    (b'{"f1": "\xff\xfe"}', 400, "UTF-8"),
+]
+HOSTILE_BODIES = [
+    (b'{"instances": []}', 422, "non-empty"),
+    (b'{"instances": [{"f1": 1}], "inputs": {"f1": 1}}', 422, "either"),
+    (b'{"inputs": {"f1": 1}, "debug": true}', 422, "nothing else"),
+    (b'[{"f1": 1}]', 422, "object"),
+    (b'"', 400, "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("row, status, message", HOSTILE_ROWS)
+def test_hostile_values_are_a_clear_4xx_on_every_predict_route(hardened, row, status, message):
+    with httpx.Client(base_url=hardened["url"], headers=_bearer(hardened["acme"])) as http:
+        for path, body in ((URL_PATH, b'{"inputs": %s}' % row), (URL_PATH, b'{"instances": [%s]}' % row),
+                           ("/v1/models/acme/churn:batchPredict", b'{"instances": [{"f1": 1}, %s]}' % row)):
+            r = http.post(path, content=body)
+            assert r.status_code == status and message in r.json()["detail"], (path, r.text)
+            assert len(r.content) < 500  # the body is never echoed
+    assert hardened["calls"] == [] and not list(hardened["log"].glob("*.jsonl"))
+
+
+@pytest.mark.parametrize("body, status, message", HOSTILE_BODIES)
+def test_malformed_bodies_are_a_clear_4xx(hardened, body, status, message):
+    with httpx.Client(base_url=hardened["url"], headers=_bearer(hardened["acme"])) as http:
+        r = http.post(URL_PATH, content=body)
+        assert r.status_code == status and message in r.json()["detail"], r.text
+        assert 400 <= http.post("/v1/models/acme/churn:batchPredict", content=body).status_code < 500
+        assert http.post("/v1/models/acme/churn:batchPredict",
+                         json={"instances": [{"f1": 1}], "routing_keys": [{"k": 1}]}).status_code == 422
+    assert hardened["calls"] == []
+
+
+def test_routes_metrics_and_stats_need_a_token_and_show_only_the_callers_tenant(hardened):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url, row = hardened["url"], {"f1": 1.0}
+    for tenant, pipeline, token in (("acme", "churn", "acme"), ("globex", "fraud", "globex")):
+        assert httpx.post(f"{url}/v1/models/{tenant}/{pipeline}:predict", json={"inputs": row},
+                          headers=_bearer(hardened[token])).status_code == 200
+    for path in ("/v1/routes", "/metrics", "/v1/models/acme/churn/stats", "/v1/models/acme/churn:predict",
+                 "/docs", "/openapi.json", "/no-such-path"):
+        r = httpx.request("POST" if "predict" in path else "GET", url + path)
+        assert r.status_code == 401 and "acme" not in r.text and "globex" not in r.text, (path, r.text)
+        assert httpx.get(url + path, headers=_bearer("wrong")).status_code == 401
+    assert httpx.get(url + "/healthz").status_code == 200
+    assert httpx.get(url + "/readyz").json() == {"ready": True}  # probes: no token, no model names
+
+    def tenants_in_metrics(token: str) -> set[str]:
+        text = httpx.get(url + "/metrics", headers=_bearer(token)).text
+        return {s.labels["tenant"] for f in text_string_to_metric_families(text) for s in f.samples
+                if "tenant" in s.labels}
+
+    platform, acme = _bearer(hardened["platform"]), _bearer(hardened["acme"])
+    assert set(httpx.get(url + "/v1/routes", headers=platform).json()["routes"]) == {NAME, "globex.fraud"}
+    assert tenants_in_metrics(hardened["platform"]) == {"acme", "globex"}
+    assert httpx.get(url + "/v1/routes", headers=acme).json()["routes"] == {
+        NAME: {"champion": "1", "challenger": None, "share": 0.0}}
+    assert tenants_in_metrics(hardened["acme"]) == {"acme"}
+    assert "globex" not in httpx.get(url + "/metrics", headers=acme).text
+    assert httpx.get(url + "/readyz", headers=acme).json() == {"ready": True, "missing": [], "error": None}
+    # another tenant's models, stats and names are out of reach; errors name only what the caller sent
+    assert httpx.get(url + "/v1/models/globex/fraud/stats", headers=acme).status_code == 403
+    assert httpx.get(url + "/v1/models/acme/churn/stats", headers=acme).json()["champion"]["requests"] == 1
+    missing = httpx.post(url + "/v1/models/acme/nothing:predict", json={"inputs": row}, headers=acme)
+    assert missing.status_code == 404 and "globex" not in missing.text
+    assert httpx.get(url + "/no-such-path", headers=acme).status_code == 404
+
+
+def test_header_size_slow_clients_and_connection_limit(hardened, tmp_path):
+    port = hardened["port"]
+
+    def exchange(*parts: bytes, pause: float = 0.0) -> tuple[int, bytes]:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            for part in parts:
+                try:
+                    sock.sendall(part)
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                time.sleep(pause)
+            status, _, body = _read_response(sock)
+            return status, body
+
+    # many headers, and one endless header line sent in pieces
+    assert exchange(_request_head(port, extra="".join(f"X-H{i}: {'a' * 100}\r\n" for i in range(100))))[0] == 431
+    head = f"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: ".encode()
+    assert exchange(head, *[b"a" * 4096] * 8, pause=0.01)[0] == 431
+    # slow-loris: headers never finish, or the body never comes: 408 after read_timeout (1 s), not forever
+    started = time.monotonic()
+    assert exchange(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")[0] == 408
+    status, body = exchange(_request_head(port, token=hardened["acme"], length=100) + b'{"inputs": ')
+    assert status == 408 and b"did not arrive" in body
+    assert time.monotonic() - started < 6
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as idle:  # connects, says nothing
+        assert idle.recv(1) == b""
+    assert httpx.get(hardened["url"] + "/healthz").status_code == 200
+    assert hardened["calls"] == []
+
+    # connections beyond max_connections get 503 at once
+    from dataclasses import replace
+
+    app = create_app("unused", RoutingTable({}), tmp_path / "p2", limits=replace(SMALL, max_connections=3))
+    with GatewayServer(app) as server:
+        held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+        try:
+            time.sleep(0.2)
+            assert httpx.get(server.url + "/healthz").status_code == 503
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.2)
+        assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def test_limits_from_the_environment(monkeypatch):
+    assert Limits.from_env() == Limits() == Limits(1024 * 1024, 1000, 16 * 1024, 10.0, 512)
+    monkeypatch.setenv("MLPLATFORM_GATEWAY_MAX_BODY_BYTES", "2048")
+    monkeypatch.setenv("MLPLATFORM_GATEWAY_MAX_INSTANCES", "7")
+    monkeypatch.setenv("MLPLATFORM_GATEWAY_READ_TIMEOUT", "2.5")
+    assert Limits.from_env() == Limits(2048, 7, 16 * 1024, 2.5, 512)
+    for bad in ("0", "-1", "many", "nan"):
+        monkeypatch.setenv("MLPLATFORM_GATEWAY_MAX_INSTANCES", bad)
+        with pytest.raises(ValueError, match="MLPLATFORM_GATEWAY_MAX_INSTANCES"):
+            Limits.from_env()

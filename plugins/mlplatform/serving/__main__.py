@@ -65,12 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _DenyAll:
-    """Auth when no tokens are configured: nobody may call a model."""
+    """Auth when no tokens are configured: nobody may call anything but the probes."""
+
+    MESSAGE = "the gateway has no tokens configured (see python -m mlplatform.serving token)"
+
+    def identify(self, authorization: str | None):
+        from mlplatform.serving.auth import AuthError
+
+        raise AuthError(401, self.MESSAGE)
 
     def check(self, tenant: str, authorization: str | None) -> None:
         from fastapi import HTTPException
 
-        raise HTTPException(401, "the gateway has no tokens configured (see python -m mlplatform.serving token)")
+        raise HTTPException(401, self.MESSAGE)
 
 
 def serve(args: argparse.Namespace, conf: dict, stop: threading.Event | None = None) -> None:

@@ -5,8 +5,10 @@ The gateway never stores tokens, only their SHA-256 hex digests, in a JSON token
     {"acme": ["<sha256 hex of token>", ...], "globex": "<sha256 hex>", "*": ["<platform token digest>"]}
 
 A request for ``/v1/models/<tenant>/<pipeline>`` must carry ``Authorization: Bearer <token>`` whose digest
-is listed under ``<tenant>`` (or under ``"*"``, the platform team's tokens). Missing token: 401; a token of
-another tenant: 403. ``python -m mlplatform.serving token <tenant>`` prints a new token and adds its
+is listed under ``<tenant>`` (or under ``"*"``, the platform team's tokens). Missing or unknown token: 401; a
+token of another tenant: 403. ``/v1/routes`` and ``/metrics`` need a token too: the platform's token sees every
+model, a tenant's token only that tenant's. The gateway's ``Guard`` middleware checks all of this from the
+headers, before a byte of the body is read. ``python -m mlplatform.serving token <tenant>`` prints a new token and adds its
 digest to the file. The embedded canary gateway of the deploy stage runs without auth (loopback, ephemeral
 port, lives for one task).
 """
@@ -17,6 +19,7 @@ import hashlib
 import hmac
 import json
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import HTTPException
@@ -26,6 +29,40 @@ PLATFORM = "*"
 
 def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+class AuthError(Exception):
+    """A refused request: ``status`` (401 or 403) and a message that names nothing the caller did not send."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request is: the platform (every tenant) or the tenants its token is listed under."""
+
+    tenants: frozenset[str] = frozenset()
+    platform: bool = False
+
+    def may_use(self, tenant: str) -> bool:
+        return self.platform or tenant in self.tenants
+
+    def sees(self, model_name: str) -> bool:
+        """Whether ``<tenant>.<pipeline>`` belongs to this principal."""
+        return self.may_use(model_name.partition(".")[0])
+
+
+PLATFORM_PRINCIPAL = Principal(platform=True)  # a gateway without auth (embedded, loopback) serves the platform
+ANONYMOUS = Principal()
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, else None."""
+    if not authorization or authorization[:7].lower() != "bearer ":
+        return None
+    return authorization[7:].strip() or None
 
 
 class TokenAuth:
@@ -45,17 +82,29 @@ class TokenAuth:
             digests[tenant] = values
         return cls(digests)
 
+    def identify(self, authorization: str | None) -> Principal:
+        """The principal of a bearer token; AuthError 401 when it is missing or unknown."""
+        token = bearer(authorization)
+        if token is None:
+            raise AuthError(401, "a bearer token is required")
+        got = digest(token)
+        tenants = set()
+        # Compare against every digest of every tenant so timing does not tell which list matched.
+        for tenant, candidates in self.digests.items():
+            for candidate in candidates:
+                if hmac.compare_digest(candidate, got):
+                    tenants.add(tenant)
+        if not tenants:
+            raise AuthError(401, "the bearer token is not valid")
+        return Principal(frozenset(tenants - {PLATFORM}), PLATFORM in tenants)
+
     def check(self, tenant: str, authorization: str | None) -> None:
         """Raise 401/403 unless ``authorization`` is a bearer token of ``tenant`` or of the platform."""
-        if not authorization or not authorization.lower().startswith("bearer "):
-            raise HTTPException(401, "a bearer token is required", headers={"WWW-Authenticate": "Bearer"})
-        got = digest(authorization[7:].strip())
-        allowed = self.digests.get(tenant, []) + self.digests.get(PLATFORM, [])
-        # Compare against every digest so timing does not tell which tenant's list matched.
-        ok = False
-        for candidate in allowed:
-            ok |= hmac.compare_digest(candidate, got)
-        if not ok:
+        try:
+            principal = self.identify(authorization)
+        except AuthError as exc:
+            raise HTTPException(exc.status, exc.detail, headers={"WWW-Authenticate": "Bearer"}) from None
+        if not principal.may_use(tenant):
             raise HTTPException(403, f"this token may not use tenant {tenant!r}'s models")
 
 

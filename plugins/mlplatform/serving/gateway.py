@@ -8,8 +8,11 @@ are still imported lazily, so the app starts fast and loads models in the backgr
 Endpoints: ``POST /v1/models/<tenant>/<pipeline>:predict`` (``inputs``: one row, or ``instances``: rows
 served by one variant), ``:batchPredict`` (``instances`` with optional per-row ``routing_keys``: each row is
 routed on its own), ``GET /v1/models/<tenant>/<pipeline>/stats`` (per-variant counters the canary gates
-read), ``GET /v1/routes``, ``/healthz``, ``/readyz``, ``/metrics``. With a ``TokenAuth`` every model
-endpoint needs the tenant's bearer token (see ``mlplatform.serving.auth``).
+read), ``GET /v1/routes``, ``/healthz``, ``/readyz``, ``/metrics``. With a ``TokenAuth`` every endpoint but
+the probes needs a bearer token (see ``mlplatform.serving.auth``): a model endpoint the tenant's (or the
+platform's), ``/v1/routes`` and ``/metrics`` show the platform token everything and a tenant's token only
+that tenant's models. ``mlplatform.serving.guard`` checks the token and the limits (body size, instances per
+request, header size and time) before a handler runs.
 """
 
 from __future__ import annotations
@@ -30,12 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Header, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, Field, model_validator
+from prometheus_client.metrics_core import Metric
+from starlette.concurrency import run_in_threadpool
 
-from mlplatform.serving.auth import TokenAuth
+from mlplatform.serving.auth import Principal, TokenAuth
+from mlplatform.serving.guard import (
+    KEEP_ALIVE_SECONDS, Guard, Limits, RequestError, batch_rows, hardened_protocol, predict_rows, principal_of,
+)
 from mlplatform.serving.predlog import JsonlLog, PredictionLog
 
 log = logging.getLogger(__name__)
@@ -128,22 +135,6 @@ def numeric_outputs(predictions: list[Any] | None) -> list[float]:
     return out
 
 
-class PredictRequest(BaseModel):
-    """``{"instances": [{feature: value}, ...]}`` or a single ``{"inputs": {feature: value}}``."""
-
-    instances: list[dict[str, Any]] | None = Field(None, min_length=1)
-    inputs: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _one_form(self) -> PredictRequest:
-        if (self.instances is None) == (self.inputs is None):
-            raise ValueError("give either instances (a list of rows) or inputs (one row)")
-        return self
-
-    def rows(self) -> list[dict[str, Any]]:
-        return self.instances if self.instances is not None else [self.inputs]
-
-
 def load_predictor(tracking_uri: str, name: str, version: str) -> Predictor:
     """Load one registered model version: P(label=1) via the native flavor when it has predict_proba."""
     import mlflow
@@ -193,17 +184,19 @@ def _pyfunc_predictor(model: Any) -> Predictor:
     return predict
 
 
-class BatchRequest(BaseModel):
-    """``{"instances": [...], "routing_keys": [...]?}``: every row is routed on its own (sticky per key)."""
+class _TenantMetrics:
+    """A registry view with only the samples of the principal's tenants (``tenant`` label)."""
 
-    instances: list[dict[str, Any]] = Field(min_length=1, max_length=10_000)
-    routing_keys: list[str | None] | None = None
+    def __init__(self, registry: CollectorRegistry, principal: Principal):
+        self.registry, self.principal = registry, principal
 
-    @model_validator(mode="after")
-    def _same_length(self) -> BatchRequest:
-        if self.routing_keys is not None and len(self.routing_keys) != len(self.instances):
-            raise ValueError("routing_keys must have one entry per instance")
-        return self
+    def collect(self):
+        for family in self.registry.collect():
+            samples = [s for s in family.samples if self.principal.may_use(s.labels.get("tenant", ""))]
+            if samples:
+                view = Metric(family.name, family.documentation, family.type, family.unit)
+                view.samples = samples
+                yield view
 
 
 class Gateway:
@@ -358,12 +351,14 @@ class Gateway:
 def create_app(tracking_uri: str, routes: RoutingTable, log_dir: str | Path | None = None, seed: int = 0, *,
                prediction_log: PredictionLog | None = None, auth: TokenAuth | None = None,
                loader: Callable[[str, str, str], Predictor] | None = None,
-               on_startup: Callable[[Gateway], None] | None = None) -> FastAPI:
+               on_startup: Callable[[Gateway], None] | None = None, limits: Limits | None = None) -> FastAPI:
     """The gateway app; its ``Gateway`` is ``app.state.gateway``.
 
     Prediction logs go to ``prediction_log``, else JSONL files in ``log_dir``. ``on_startup`` runs in the
     background after the routed models are loaded (the standalone gateway starts its registry watcher there).
+    ``limits`` default to ``Limits.from_env()`` (see ``mlplatform.serving.guard``).
     """
+    limits = limits or Limits.from_env()
     gateway = Gateway(tracking_uri, routes, None if log_dir is None else Path(log_dir), seed,
                       prediction_log=prediction_log, auth=auth, loader=loader)
 
@@ -378,65 +373,85 @@ def create_app(tracking_uri: str, routes: RoutingTable, log_dir: str | Path | No
         yield
         gateway.close()
 
-    app = FastAPI(title="mlplatform gateway", lifespan=lifespan)
+    # No /docs, /redoc or /openapi.json: nothing a client needs, and less to expose.
+    app = FastAPI(title="mlplatform gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = gateway
+    app.state.limits = limits
+    # Outermost: the token and the body limits are checked before any routing, parsing or logging.
+    app.add_middleware(Guard, auth=lambda: gateway.auth, limits=limits)
+
+    @app.exception_handler(RequestError)
+    async def refused(_: Request, exc: RequestError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/readyz")
-    def readyz() -> JSONResponse:
-        body = {"ready": gateway.ready(), "missing": gateway.missing(), "error": gateway.load_error}
+    def readyz(request: Request) -> JSONResponse:
+        """Ready or not for anyone (probes); which models are missing and why only for a token that sees them."""
+        principal = principal_of(request.scope)
+        body: dict[str, Any] = {"ready": gateway.ready()}
+        if principal.platform or principal.tenants:
+            body["missing"] = [m for m in gateway.missing() if principal.sees(m)]
+            body["error"] = gateway.load_error if principal.platform else None
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @app.get("/metrics")
-    def metrics() -> Response:
-        return Response(generate_latest(gateway.registry), media_type=CONTENT_TYPE_LATEST)
-
-    def authorize(tenant: str, authorization: str | None) -> None:
-        if gateway.auth is not None:
-            gateway.auth.check(tenant, authorization)
+    def metrics(request: Request) -> Response:
+        principal = principal_of(request.scope)
+        registry = gateway.registry if principal.platform else _TenantMetrics(gateway.registry, principal)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/routes")
-    def routes_view() -> dict[str, Any]:
-        return {"routes": gateway.route_table()}
+    def routes_view(request: Request) -> dict[str, Any]:
+        principal = principal_of(request.scope)
+        return {"routes": {n: r for n, r in gateway.route_table().items() if principal.sees(n)}}
 
-    @app.post("/v1/models/{tenant}/{pipeline}:predict")
-    def predict(
-        tenant: str, pipeline: str, body: PredictRequest, x_routing_key: str | None = Header(None),
-        authorization: str | None = Header(None),
-    ) -> JSONResponse:
-        authorize(tenant, authorization)
-        name = f"{tenant}.{pipeline}"
-        variant, version, predictor = gateway.pick(name, x_routing_key)
-        predictions, error, request_id = gateway.serve(name, variant, version, predictor, body.rows())
+    def predict_sync(name: str, routing_key: str | None, rows: list[dict[str, Any]]) -> JSONResponse:
+        variant, version, predictor = gateway.pick(name, routing_key)
+        predictions, error, request_id = gateway.serve(name, variant, version, predictor, rows)
         head = {"variant": variant, "model_version": version, "request_id": request_id}
         if error is not None:
             return JSONResponse({"error": error, **head}, status_code=500)
         return JSONResponse({"predictions": predictions, **head})
 
+    def allow(request: Request, tenant: str) -> None:
+        """The Guard has checked this already; checked again where the handler takes ``tenant`` from the route."""
+        if not principal_of(request.scope).may_use(tenant):
+            raise HTTPException(403, f"this token may not use tenant {tenant!r}'s models")
+
+    # The Guard has authorized the path's tenant and read the body within the limit; the handlers parse it
+    # on the event loop (one at a time, bounded by the instance cap) and predict in the thread pool.
+    @app.post("/v1/models/{tenant}/{pipeline}:predict")
+    async def predict(tenant: str, pipeline: str, request: Request) -> JSONResponse:
+        allow(request, tenant)
+        rows = predict_rows(await request.body(), limits.max_instances)
+        return await run_in_threadpool(predict_sync, f"{tenant}.{pipeline}",
+                                       request.headers.get("x-routing-key"), rows)
+
     @app.post("/v1/models/{tenant}/{pipeline}:batchPredict")
-    def batch_predict(tenant: str, pipeline: str, body: BatchRequest,
-                      authorization: str | None = Header(None)) -> JSONResponse:
+    async def batch_predict(tenant: str, pipeline: str, request: Request) -> JSONResponse:
         """Each row routed on its own; rows of one variant are predicted together (one log entry per group)."""
-        authorize(tenant, authorization)
-        name = f"{tenant}.{pipeline}"
-        keys = body.routing_keys or [None] * len(body.instances)
+        allow(request, tenant)
+        rows, keys = batch_rows(await request.body(), limits.max_instances)
+        return await run_in_threadpool(batch_sync, f"{tenant}.{pipeline}", rows, keys)
+
+    def batch_sync(name: str, rows: list[dict[str, Any]], keys: list[str | None]) -> JSONResponse:
         groups: dict[str, list[int]] = {}
         chosen: dict[str, tuple[str, Predictor]] = {}
         for i, key in enumerate(keys):
             variant, version, predictor = gateway.pick(name, key)
             groups.setdefault(variant, []).append(i)
             chosen[variant] = (version, predictor)
-        predictions: list[Any] = [None] * len(body.instances)
-        variants: list[str] = [""] * len(body.instances)
-        versions: list[str] = [""] * len(body.instances)
+        predictions: list[Any] = [None] * len(rows)
+        variants: list[str] = [""] * len(rows)
+        versions: list[str] = [""] * len(rows)
         errors, request_ids = [], []
         for variant, idx in groups.items():
             version, predictor = chosen[variant]
-            out, error, request_id = gateway.serve(name, variant, version, predictor,
-                                                   [body.instances[i] for i in idx])
+            out, error, request_id = gateway.serve(name, variant, version, predictor, [rows[i] for i in idx])
             request_ids.append(request_id)
             if error is not None:
                 errors.append({"variant": variant, "model_version": version, "error": error})
@@ -450,9 +465,8 @@ def create_app(tracking_uri: str, routes: RoutingTable, log_dir: str | Path | No
         return JSONResponse(body_out)
 
     @app.get("/v1/models/{tenant}/{pipeline}/stats")
-    def stats_view(tenant: str, pipeline: str, predictions: bool = False,
-                   authorization: str | None = Header(None)) -> dict[str, Any]:
-        authorize(tenant, authorization)
+    def stats_view(request: Request, tenant: str, pipeline: str, predictions: bool = False) -> dict[str, Any]:
+        allow(request, tenant)
         name = f"{tenant}.{pipeline}"
         if name not in gateway.route_table():
             raise HTTPException(404, f"no model {name!r} is served here")
@@ -484,9 +498,13 @@ class GatewayServer:
         self.gateway.set_route(name, champion, challenger, share)
 
     def __enter__(self) -> GatewayServer:
+        limits: Limits = getattr(self.app.state, "limits", None) or Limits.from_env()
         config = uvicorn.Config(
             self.app, host=self.host, port=self.bind_port, log_config=None, access_log=False,
-            timeout_graceful_shutdown=5
+            timeout_graceful_shutdown=5, server_header=False,
+            # slow clients and floods: see mlplatform.serving.guard
+            http=hardened_protocol(limits), h11_max_incomplete_event_size=limits.max_header_bytes,
+            timeout_keep_alive=KEEP_ALIVE_SECONDS, limit_concurrency=limits.max_connections,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="gateway-server", daemon=True)
