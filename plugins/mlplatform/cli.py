@@ -1,4 +1,4 @@
-"""``mlplatform`` command line: lint, render, k8s, sync-pools, sync, usage, schema, data, demo, ui."""
+"""``mlplatform`` command line: lint, render, k8s, dagfiles, sync-pools, sync, usage, schema, data, demo, ui."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ def cmd_lint(args: argparse.Namespace) -> int:
     only = [Path(f).resolve() for f in args.files] if args.files else None
     catalog = load_catalog(config, only=only)
     problems = list(catalog.problems)
+    if not args.files:
+        problems += _dagfile_problems(catalog, config)
     if args.deep:
         problems += _deep_problems(catalog)
     for p in problems:
@@ -28,6 +30,40 @@ def cmd_lint(args: argparse.Namespace) -> int:
     bad = len({p.file for p in problems})
     print(f"{checked} spec(s) checked, {len(problems)} problem(s) in {bad} file(s)", file=sys.stderr)
     return 1 if problems else 0
+
+
+def _dagfile_problems(catalog, config) -> list:
+    """A tenant file without its DAG file (single-deployment mode; multi-team bundles come from `mlplatform sync`)."""
+    from airflow.configuration import conf
+
+    from mlplatform.tenants.dagfiles import missing_dagfile_problems
+
+    if conf.getboolean("core", "multi_team", fallback=False):
+        return []
+    return missing_dagfile_problems(catalog.tenants, config)
+
+
+def cmd_dagfiles(args: argparse.Namespace) -> int:
+    """One DAG file per tenant (dags/tenant_<tenant>.py) from the tenant files; --check: exit 1 when out of date."""
+    from mlplatform.spec.loader import load_catalog
+    from mlplatform.tenants.dagfiles import dags_dir, write_dagfiles
+
+    catalog = load_catalog(get_config(), only=[])
+    if catalog.platform_problems:
+        for p in catalog.platform_problems:
+            print(p, file=sys.stderr)
+        print("refusing to write DAG files while tenant or template files have errors", file=sys.stderr)
+        return 1
+    folder = Path(args.out).absolute() if args.out else dags_dir()
+    changes = write_dagfiles(catalog.tenants, folder, dry_run=args.check)
+    stale = [c for c in changes if c.action != "unchanged"]
+    for change in changes if not args.check else stale:
+        print(change)
+    if args.check and stale:
+        print(f"{len(stale)} DAG file(s) out of date in {folder}: run `mlplatform dagfiles` and commit them",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def _deep_problems(catalog) -> list:
@@ -119,6 +155,8 @@ def cmd_sync_pools(args: argparse.Namespace) -> int:
         return 1
     for change in changes:
         print(change)
+    for problem in _dagfile_problems(catalog, get_config()):  # pools without DAGs: say so, the pools are fine
+        print(f"warning: {problem}", file=sys.stderr)
     return 0
 
 
@@ -209,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("k8s", help="print tenant Kubernetes manifests (Namespace, ResourceQuota, LimitRange, RBAC)")
     p.add_argument("tenants", nargs="*")
     p.set_defaults(func=cmd_k8s)
+    p = sub.add_parser("dagfiles", help="write one DAG file per tenant (dags/tenant_<tenant>.py) from the tenant files")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 when a file is missing or out of date")
+    p.add_argument("--out", help="Airflow's DAG folder (default: $MLPLATFORM_DAGS_DIR or the repo's dags/)")
+    p.set_defaults(func=cmd_dagfiles)
     p = sub.add_parser("sync-pools", help="reconcile Airflow pools with the tenant quota files")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_sync_pools)

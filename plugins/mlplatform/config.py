@@ -35,6 +35,8 @@ class PlatformConfig:
     trainer_image: str
     git_commit: str
     gateway_url: str = ""  # the standalone gateway; set: canary bakes defer on its real traffic
+    # seconds one tenant's specs may spend per parse (factory/budget.py); None: a third of dagbag_import_timeout
+    tenant_parse_budget: float | None = None
 
     @property
     def feast_root(self) -> Path:
@@ -62,7 +64,20 @@ def load_config() -> PlatformConfig:
         trainer_image=_env("MLPLATFORM_TRAINER_IMAGE", "mlplatform/trainer:0.1.0"),
         git_commit=_env("MLPLATFORM_GIT_COMMIT", ""),
         gateway_url=_env("MLPLATFORM_GATEWAY_URL", "").rstrip("/"),
+        tenant_parse_budget=_seconds(_env("MLPLATFORM_TENANT_PARSE_BUDGET", "")),
     )
+
+
+def _seconds(value: str) -> float | None:
+    """A number of seconds (0 or "off": no limit), or None for unset or unreadable (the default applies: a
+    typo here must not stop every tenant's DAG file from parsing)."""
+    if value.lower() == "off":
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 and seconds == seconds and seconds != float("inf") else None
 
 
 @lru_cache(maxsize=1)

@@ -140,10 +140,18 @@ def build_broken_dag(broken: BrokenSpec) -> DAG:
     return dag
 
 
-def build_all(catalog: Catalog, config: PlatformConfig) -> dict[str, DAG]:
-    """Every DAG: one per valid spec, a stand-in per broken one. One failure never hides the others."""
+def build_all(catalog: Catalog, config: PlatformConfig, budget=None) -> dict[str, DAG]:
+    """Every DAG: one per valid spec, a stand-in per broken one. One failure never hides the others.
+
+    ``budget`` (``factory.budget.ParseBudget``): once spent, the remaining specs get its cheap stand-in.
+    """
     dags: dict[str, DAG] = {}
     for loaded in catalog.specs:
+        if budget is not None and budget.exceeded():
+            stand_in = budget.stand_in(loaded.path, loaded.display, loaded.spec.metadata.tenant, loaded.spec.metadata.name)
+            if stand_in is not None:
+                dags[stand_in.dag_id] = build_broken_dag(stand_in)
+            continue
         try:
             dags[loaded.dag_id] = build_dag(loaded, catalog, config)
         except Exception as exc:  # a factory bug must not take every other tenant's DAGs down with it

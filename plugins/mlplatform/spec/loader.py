@@ -11,6 +11,7 @@ import hashlib
 import json
 import posixpath
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -150,10 +151,13 @@ def _files(folder: Path) -> list[Path]:
 
 
 def _load_platform_files(folder: Path, model: type[BaseModel], kind: str, config: PlatformConfig,
-                         catalog: Catalog) -> dict[str, Any]:
-    """Tenant or template files of ``folder`` by name; problems go to the catalog, never raise."""
+                         catalog: Catalog, names: Collection[str] | None = None) -> dict[str, Any]:
+    """Tenant or template files of ``folder`` by name (only ``names`` when given); problems go to the catalog,
+    never raise."""
     loaded: dict[str, Any] = {}
     for path in _files(folder):
+        if names is not None and path.stem not in names:
+            continue
         try:
             obj, located = _load_model(path, _display(path, config), model)
         except SpecError as exc:
@@ -179,14 +183,25 @@ def _display(path: Path, config: PlatformConfig) -> str:
 # ------------------------------------------------------------------------------------------------ specs
 
 
-def load_catalog(config: PlatformConfig, only: list[Path] | None = None) -> Catalog:
-    """Load everything; ``only`` restricts the specs checked (tenants and templates are always loaded)."""
+def load_catalog(config: PlatformConfig, only: list[Path] | None = None, *, tenants: Collection[str] | None = None,
+                 budget: Any = None) -> Catalog:
+    """Load everything; ``only`` restricts the specs checked (templates are always loaded, tenant files too
+    unless ``tenants`` names the ones to read: a tenant's DAG file reads only its own).
+
+    ``budget`` (``factory.budget.ParseBudget``): once spent, the remaining files are not read; each becomes
+    the budget's stand-in.
+    """
     catalog = Catalog()
-    catalog.tenants.update(_load_platform_files(config.tenants_dir, TenantFile, "tenant", config, catalog))
+    catalog.tenants.update(_load_platform_files(config.tenants_dir, TenantFile, "tenant", config, catalog, tenants))
     catalog.templates.update(_load_platform_files(config.templates_dir, PipelineTemplate, "template", config, catalog))
     paths = only if only is not None else spec_paths(config)
     seen: dict[str, str] = {}
     for path in paths:
+        if budget is not None and budget.exceeded():
+            stand_in = budget.stand_in(path, _display(path, config))
+            if stand_in is not None:
+                catalog.broken.append(stand_in)
+            continue
         result = load_spec(path, config, catalog)
         if isinstance(result, LoadedSpec):
             if result.dag_id in seen:
@@ -248,6 +263,7 @@ def check_spec(
             ("metadata", "tenant"),
             f"tenant {md.tenant!r} does not match the folder {tenant_dir!r}: a tenant's specs live in dags/specs/<tenant>/",
         ))
+        return p, []  # not checked against another tenant's quotas (a tenant's DAG file reads only its own file)
     tenant = catalog.tenants.get(md.tenant)
     if tenant is None:
         close = difflib.get_close_matches(md.tenant, list(catalog.tenants), n=1)
