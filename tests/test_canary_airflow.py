@@ -122,7 +122,7 @@ def stack(tmp_path_factory):
                              components=("api-server", "scheduler", "dag-processor", "triggerer")) as (_, api, procs):
             api.wait_for_dag(DAG_ID)
             yield {"api": api, "procs": procs, "client": client, "traffic": traffic, "gateway": gateway_url,
-                   "root": root}
+                   "root": root, "platform_token": platform_token}
     finally:
         traffic.stop()
         gateway.terminate()
@@ -148,7 +148,9 @@ def test_deferred_bakes_survive_a_triggerer_crash_and_promote(stack):
     assert api.wait_for_run(DAG_ID, run1, 900, on_tick=lambda _: procs.check_alive())["state"] == "success"
     first = api.xcom(DAG_ID, run1, "canary_deploy")
     assert first["decision"] == "promoted_first" and first["champion_version"] == "1"
-    _wait(lambda: httpx.get(stack["gateway"] + "/v1/routes").json()["routes"].get(MODEL, {}).get("champion") == "1",
+    platform = {"Authorization": f"Bearer {stack['platform_token']}"}  # /v1/routes needs a token
+    _wait(lambda: httpx.get(stack["gateway"] + "/v1/routes", headers=platform).json()["routes"].get(MODEL, {})
+          .get("champion") == "1",
           60, "the gateway did not pick up champion 1")
     stack["traffic"].start(_holdout_rows(api.xcom(DAG_ID, run1, "features")))
 

@@ -678,3 +678,24 @@ def test_limits_from_the_environment(monkeypatch):
         monkeypatch.setenv("MLPLATFORM_GATEWAY_MAX_INSTANCES", bad)
         with pytest.raises(ValueError, match="MLPLATFORM_GATEWAY_MAX_INSTANCES"):
             Limits.from_env()
+
+
+def test_bake_trigger_reads_routes_and_stats_with_its_token(hardened):
+    """The triggerer's GatewayBakeTrigger (deferrable canary bakes) sends the platform token: it still works."""
+    import asyncio
+
+    from mlplatform.triggers.canary import GatewayBakeTrigger
+
+    def bake(token: str | None) -> dict:
+        trigger = GatewayBakeTrigger(hardened["url"], NAME, "1", None, 0.0, bake_seconds=0.05, token=token,
+                                     route_timeout=2, poll_interval=0.1)
+
+        async def first():
+            async for event in trigger.run():
+                return event.payload
+
+        return asyncio.run(first())
+
+    assert bake(hardened["platform"])["status"] == "baked"
+    assert bake(hardened["acme"])["stats"]["champion"]["version"] == "1"
+    assert bake(None)["status"] == "error"  # no token: the routes are not shown
