@@ -7,8 +7,6 @@ tenant's typo can never hide another tenant's DAGs. Runs at DAG-parse time: no M
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import posixpath
 import re
 from collections.abc import Collection
@@ -23,18 +21,20 @@ from mlplatform.config import REPO_ROOT, PlatformConfig
 from mlplatform.spec.errors import Problem, SpecError
 from mlplatform.spec.model import (
     NAME_RE,
+    RESERVED_NAMES,
     PipelineSpec,
     TenantFile,
     cpu_cores,
     dag_id_for,
     memory_bytes,
 )
+from mlplatform.spec.expectations import expectation_problems
+from mlplatform.spec.safetext import find_unsafe_text
 from mlplatform.spec.secrets import find_secrets
 from mlplatform.spec.template import PipelineTemplate
 from mlplatform.spec.yamlsafe import Located, dotted, load_file
 
 SPEC_SUFFIXES = (".yaml", ".yml")
-_EXPECTATIONS_FILE = Path(__file__).with_name("gx_expectations.json")
 
 
 @dataclass
@@ -134,8 +134,8 @@ def validation_problems(exc: ValidationError, located: Located, model: type[Base
 # ----------------------------------------------------------------------------------------- platform files
 
 
-def _load_model(path: Path, display: str, model: type[BaseModel]) -> tuple[Any, Located]:
-    located = load_file(path, display)
+def _load_model(path: Path, display: str, model: type[BaseModel], allow_symlinks: bool = True) -> tuple[Any, Located]:
+    located = load_file(path, display, allow_symlinks=allow_symlinks)
     if not isinstance(located.data, dict):
         raise SpecError([located.problem((), "expected a mapping with apiVersion, kind, metadata and spec")])
     try:
@@ -147,7 +147,9 @@ def _load_model(path: Path, display: str, model: type[BaseModel]) -> tuple[Any, 
 def _files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.suffix in SPEC_SUFFIXES and p.is_file())
+    # Every entry with a spec suffix but directories that are real directories: symlinks, pipes and the like
+    # are listed so that loading refuses them with an error (lstat, never following a link).
+    return sorted(p for p in folder.iterdir() if p.suffix in SPEC_SUFFIXES and (p.is_symlink() or not p.is_dir()))
 
 
 def _load_platform_files(folder: Path, model: type[BaseModel], kind: str, config: PlatformConfig,
@@ -231,13 +233,14 @@ def load_spec(path: Path, config: PlatformConfig, catalog: Catalog) -> LoadedSpe
     # A broken spec keeps a stable DAG id from its location, so its DAG shows the error instead of vanishing.
     fallback_name = stem if re.match(NAME_RE, stem) else re.sub(r"[^a-z0-9-]+", "-", stem.lower()).strip("-") or "invalid"
     fallback_tenant = tenant_dir if re.match(NAME_RE, tenant_dir) else "invalid"
+    if fallback_name in RESERVED_NAMES:  # the stand-in must not take the platform's own DAG id
+        fallback_name += "-reserved-name"
 
     def broken(problems: list[Problem]) -> BrokenSpec:
         return BrokenSpec(path, display, fallback_tenant, fallback_name, problems)
 
     try:
-        raw = path.read_bytes()
-        spec, located = _load_model(path, display, PipelineSpec)
+        spec, located = _load_model(path, display, PipelineSpec, allow_symlinks=False)
     except SpecError as exc:
         return broken(exc.problems)
     except OSError as exc:
@@ -245,7 +248,7 @@ def load_spec(path: Path, config: PlatformConfig, catalog: Catalog) -> LoadedSpe
     problems, warnings = check_spec(spec, located, catalog, tenant_dir, stem, config)
     if problems:
         return broken(problems)
-    return LoadedSpec(path, display, spec, located, hashlib.sha256(raw).hexdigest(), warnings)
+    return LoadedSpec(path, display, spec, located, located.sha256, warnings)
 
 
 def check_spec(
@@ -256,6 +259,7 @@ def check_spec(
     body = spec.spec
     md = spec.metadata
     p += [located.problem(path, msg) for path, msg in find_secrets(located.data)]
+    p += [located.problem(path, msg) for path, msg in find_unsafe_text(located.data)]
     if md.name != stem:
         p.append(located.problem(("metadata", "name"), f"name {md.name!r} must equal the file name {stem!r}"))
     if md.tenant != tenant_dir:
@@ -409,33 +413,12 @@ def _check_tunable(spec: PipelineSpec, located: Located) -> list[Problem]:
     return out
 
 
-def _known_expectations() -> dict[str, list[str]]:
-    global _EXPECTATIONS
-    if _EXPECTATIONS is None:
-        _EXPECTATIONS = json.loads(_EXPECTATIONS_FILE.read_text()) if _EXPECTATIONS_FILE.exists() else {}
-    return _EXPECTATIONS
-
-
-_EXPECTATIONS: dict[str, list[str]] | None = None
-
-
 def _check_expectations(spec: PipelineSpec, located: Located) -> list[Problem]:
-    """Cheap parse-time check of expectation types against the list exported from Great Expectations."""
-    known = _known_expectations()
-    if not known:
-        return []
+    """Expectation types and kwargs against the allowlist exported from Great Expectations (spec/expectations.py)."""
     out = []
     for i, e in enumerate(spec.spec.validation.expectations):
-        if e.type not in known:
-            close = difflib.get_close_matches(e.type, list(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            out.append(located.problem(("spec", "validation", "expectations", i, "type"),
-                                       f"unknown Great Expectations type {e.type!r}{hint}"))
-            continue
-        missing = [k for k in known[e.type] if k not in e.kwargs]
-        if missing:
-            out.append(located.problem(("spec", "validation", "expectations", i, "kwargs"),
-                                       f"{e.type} needs {', '.join(missing)}"))
+        at = ("spec", "validation", "expectations", i)
+        out += [located.problem(at + sub, msg) for sub, msg in expectation_problems(e.type, e.kwargs, e.where is not None)]
     return out
 
 

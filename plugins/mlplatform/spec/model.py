@@ -17,13 +17,38 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mlplatform.spec.expectations import Where, expectation_json_schema
+from mlplatform.spec.safetext import check_line, check_text
 
 API_VERSION = "mlplatform.io/v1"
 NAME_RE = r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$"
 COLUMN_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
 Name = Annotated[str, Field(pattern=NAME_RE, min_length=2, max_length=40)]
 Column = Annotated[str, Field(pattern=COLUMN_RE, max_length=64)]
+# Free text: no template syntax or control characters (spec/safetext.py says why).
+Text = Annotated[str, AfterValidator(check_text)]
+Line = Annotated[str, AfterValidator(check_line)]
+
+# Pipeline names the platform uses for its own DAG ids (<tenant>__deployments: factory/control.py).
+RESERVED_NAMES = {"deployments"}
+RESERVED_TAGS = {"invalid-spec"}  # and every tag starting with "mlplatform" or holding ":" (tenant:, template:)
+
+
+def _not_reserved_name(value: str) -> str:
+    if value in RESERVED_NAMES:
+        raise ValueError(f"pipeline name {value!r} is reserved: <tenant>__{value} is the platform's own DAG; "
+                         "pick another name")
+    return value
+
+
+def _not_reserved_tag(value: str) -> str:
+    low = value.lower()
+    if low in RESERVED_TAGS or low.startswith("mlplatform") or ":" in value:
+        raise ValueError(f"tag {value!r} is reserved for the platform: tags with ':' (tenant:, template:), "
+                         "'mlplatform*' and 'invalid-spec' are set by the platform and filter DAGs in the UI")
+    return value
 
 _DURATION_RE = re.compile(r"^(\d+)(s|m|h|d)$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -72,15 +97,18 @@ class Strict(BaseModel):
 
 
 class Metadata(Strict):
-    name: Name = Field(description="Pipeline name; must equal the file name without .yaml.")
+    name: Annotated[Name, AfterValidator(_not_reserved_name)] = Field(
+        description="Pipeline name; must equal the file name without .yaml. Reserved: deployments.")
     tenant: Name = Field(description="Owning tenant; must equal the directory the spec lives in.")
-    owner: str | None = Field(None, max_length=120, description="Shown as the DAG owner; defaults to the tenant's.")
-    description: str = Field("", max_length=2000)
-    tags: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,40}$")]] = Field(default_factory=list, max_length=10)
+    owner: Line | None = Field(None, max_length=120, description="Shown as the DAG owner; defaults to the tenant's.")
+    description: Text = Field("", max_length=2000)
+    tags: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,40}$"), AfterValidator(_not_reserved_tag)]] = Field(
+        default_factory=list, max_length=10,
+        description="UI tags; 'mlplatform*', 'invalid-spec' and tags with ':' are the platform's.")
 
 
 class DataSpec(Strict):
-    source: str = Field(
+    source: Line = Field(
         description="Folder of parquet files (optionally in dt=YYYY-MM-DD partitions): a path under the "
         "platform data root (e.g. acme/churn) or an s3:// URI; must sit inside the tenant's allowed prefixes.",
         min_length=1,
@@ -92,14 +120,23 @@ class DataSpec(Strict):
     features: list[Column] | None = Field(
         None, description="Feature columns; default: every other column of the source."
     )
-    connection_id: str | None = Field(
-        None, max_length=200, description="Airflow connection for s3:// sources; must be allowed for the tenant."
+    connection_id: Line | None = Field(
+        None, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Airflow connection for s3:// sources; must be allowed for the tenant."
     )
 
 
 class Expectation(Strict):
+    """A Great Expectations check. Types and kwargs are an allowlist (spec/gx_expectations.json, checked by
+    the loader); a row condition is ``where``, never a ``row_condition`` string."""
+
+    model_config = ConfigDict(json_schema_extra=expectation_json_schema)
+
     type: str = Field(pattern=r"^expect_[a-z0-9_]+$", description="A Great Expectations 1.x expectation type.")
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    where: Where | None = Field(
+        None, description="Only rows matching this condition are checked: {column, op, value}, {all: [...]} or "
+        "{any: [...]}; ops ==, !=, <, <=, >, >=, in, not_in, is_null, not_null.")
     severity: Literal["error", "warning"] = "error"
 
 

@@ -7,6 +7,10 @@ non-string keys, deep nesting and large files, each with the file and line to fi
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,7 @@ class Located:
         self.file = file
         self.data = data
         self.marks = marks
+        self.sha256: str | None = None  # of the file's bytes, set by load_file
 
     def where(self, path: Path_) -> tuple[int, int]:
         """Position of ``path``, or of its nearest existing parent when the key is missing."""
@@ -84,22 +89,78 @@ def load_text(text: str, file: str) -> Located:
     return Located(file, data, builder.marks)
 
 
-def load_file(path: Path, display: str | None = None) -> Located:
-    """Read and parse a spec or tenant file; ``display`` is the name used in messages."""
+def load_file(path: Path, display: str | None = None, *, allow_symlinks: bool = True) -> Located:
+    """Read and parse a spec or tenant file; ``display`` is the name used in messages.
+
+    ``allow_symlinks=False`` (tenant specs): a symbolic link is refused without following it. The result's
+    ``sha256`` is the digest of the bytes read (one read, so it describes what was parsed)."""
     name = display or str(path)
-    try:
-        size = path.stat().st_size
-        if size > MAX_BYTES:
-            raise SpecError([Problem(name, 1, 1, "", f"file is {size // 1024} KiB, larger than "
-                                     f"{MAX_BYTES // 1024} KiB; a pipeline spec is a few dozen lines")])
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise SpecError([Problem(name, 1, 1, "", f"cannot read file: {exc.strerror}")]) from None
+    raw = read_regular_file(path, name, allow_symlinks=allow_symlinks)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SpecError([Problem(name, 1, 1, "", f"file is not UTF-8 text (byte {exc.start})")]) from None
-    return load_text(text, name)
+    located = load_text(text, name)
+    located.sha256 = hashlib.sha256(raw).hexdigest()
+    return located
+
+
+def read_regular_file(path: Path, name: str, *, allow_symlinks: bool = True) -> bytes:
+    """The bytes of the regular file ``path`` (at most MAX_BYTES), else a SpecError naming ``name``.
+
+    ``lstat`` first: a symbolic link (unless allowed), FIFO, socket, device or directory is refused without
+    opening it, and the error names the entry itself, never what a link points to; the file is then opened
+    with ``O_NOFOLLOW`` and checked again with ``fstat``, so swapping in a link between the two fails too."""
+    def refuse(message: str) -> SpecError:
+        return SpecError([Problem(name, 1, 1, "", message)])
+
+    link_msg = ("spec file is a symbolic link: refused without reading it; commit the spec file itself "
+                "(a link could point at another tenant's spec or a platform secret)")
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise refuse(f"cannot read file: {exc.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        if not allow_symlinks:
+            raise refuse(link_msg)
+    elif not stat.S_ISREG(st.st_mode):
+        raise refuse(f"not a regular file ({_kind(st.st_mode)}): refused; a spec is a plain YAML file")
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if allow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise refuse(link_msg) from None
+        raise refuse(f"cannot read file: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse(f"not a regular file ({_kind(st.st_mode)}): refused; a spec is a plain YAML file")
+        if st.st_size > MAX_BYTES:
+            raise refuse(f"file is {st.st_size // 1024} KiB, larger than {MAX_BYTES // 1024} KiB; "
+                         "a pipeline spec is a few dozen lines")
+        chunks, size = [], 0
+        while size <= MAX_BYTES:
+            chunk = os.read(fd, min(1 << 16, MAX_BYTES + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise refuse(f"cannot read file: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if size > MAX_BYTES:  # grew after fstat
+        raise refuse(f"file is larger than {MAX_BYTES // 1024} KiB; a pipeline spec is a few dozen lines")
+    return b"".join(chunks)
+
+
+def _kind(mode: int) -> str:
+    for test, word in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return word
+    return "not a plain file"
 
 
 class _Builder:

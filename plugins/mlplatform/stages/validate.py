@@ -12,7 +12,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from mlplatform.spec.expectations import Where, expectation_problems as allowlist_problems, to_gx_condition
 from mlplatform.spec.model import Expectation
+from mlplatform.spec.safetext import find_unsafe_text
+from mlplatform.spec.yamlsafe import dotted
 from mlplatform.stages.context import RunContext, StageFailed
 
 _EXAMPLES = 5
@@ -21,12 +26,15 @@ _META_KEY = "mlplatform"
 
 def validate_data(ctx: RunContext, files: list[Path]) -> dict:
     """Run the checks on ``files``; raise ``StageFailed`` listing every failed error-severity check."""
+    checks = _checks(ctx)
+    refused = [f"- {origin}: {msg}" for origin, e in checks for msg in refusals(e)]
+    if refused:  # lint refuses these too; a spec object built without lint must not reach GX either
+        raise StageFailed("refused: these expectations are outside the platform's allowlist:\n" + "\n".join(refused))
     problems = expectation_problems(list(ctx.spec.spec.validation.expectations))
     if problems:
         raise StageFailed("Great Expectations rejects these expectations:\n"
                           + "\n".join(f"- spec.validation.expectations[{i}]: {msg}" for i, msg in problems))
     frame = _read(files)
-    checks = _checks(ctx)
     result = _run_suite(frame, [_domain_obj(e, {"check": i, "origin": origin}) for i, (origin, e) in enumerate(checks)])
     failed = [(*checks[r["expectation_config"]["meta"][_META_KEY]["check"]], r)
               for r in result["results"] if not r["success"]]
@@ -54,6 +62,21 @@ def expectation_problems(expectations: list[Expectation]) -> list[tuple[int, str
     return out
 
 
+def refusals(e: Expectation) -> list[str]:
+    """Why ``e`` may not run: the allowlist of types and typed kwargs (spec/expectations.py), template syntax
+    in its text, and a ``where`` that does not validate. The same checks as lint, repeated at run time."""
+    out = [f"{dotted(path)}: {msg}" for path, msg in allowlist_problems(e.type, e.kwargs, e.where is not None)]
+    out += [f"{dotted(('kwargs',) + path)}: {msg}" for path, msg in find_unsafe_text(e.kwargs)]
+    if e.where is not None:
+        try:
+            Where.model_validate(e.where.model_dump(exclude_none=True) if isinstance(e.where, Where) else e.where)
+        except ValidationError as exc:
+            out.append("where: " + "; ".join(err["msg"] for err in exc.errors()))
+        except Exception as exc:  # noqa: BLE001 - whatever a forged object raises
+            out.append(f"where: {exc}")
+    return out
+
+
 def default_expectations(ctx: RunContext) -> list[Expectation]:
     """Checks every pipeline gets: entity, timestamp and label non-null; at least ``min_rows`` rows."""
     d = ctx.spec.spec.data
@@ -67,7 +90,7 @@ def default_expectations(ctx: RunContext) -> list[Expectation]:
 def _checks(ctx: RunContext) -> list[tuple[str, Expectation]]:
     """(origin, expectation) pairs; a default the spec already declares (same type and kwargs) is left out."""
     declared = list(ctx.spec.spec.validation.expectations)
-    same = [(e.type, e.kwargs) for e in declared]
+    same = [(e.type, e.kwargs) for e in declared if e.where is None]
     checks = [(f"spec.validation.expectations[{i}]", e) for i, e in enumerate(declared)]
     return checks + [("default", e) for e in default_expectations(ctx) if (e.type, e.kwargs) not in same]
 
@@ -78,9 +101,36 @@ def _domain_obj(e: Expectation, meta: dict):
     from great_expectations.expectations.metadata_types import FailureSeverity
 
     severity = FailureSeverity.CRITICAL if e.severity == "error" else FailureSeverity.WARNING
-    config = ExpectationConfiguration(type=e.type, kwargs=copy.deepcopy(e.kwargs), meta={_META_KEY: meta},
-                                      severity=severity)
-    return config.to_domain_obj()
+    kwargs = copy.deepcopy(e.kwargs)
+    for key in ("row_condition", "condition_parser"):  # never from a spec (refusals() reports them)
+        if key in kwargs:
+            raise ValueError(f"{key} is not allowed: write the condition as where")
+    if e.where is not None:
+        kwargs["row_condition"] = to_gx_condition(e.where)
+    config = ExpectationConfiguration(type=e.type, kwargs=kwargs, meta={_META_KEY: meta}, severity=severity)
+    obj = config.to_domain_obj()
+    _no_evaluated_condition(obj)
+    return obj
+
+
+def _no_evaluated_condition(obj) -> None:
+    """The built expectation holds no string condition and no pass-through filter (both go to
+    ``DataFrame.query`` verbatim): only the condition objects ``to_gx_condition`` makes."""
+    from great_expectations.expectations.row_conditions import (
+        AndCondition,
+        ComparisonCondition,
+        NullityCondition,
+        OrCondition,
+    )
+
+    def ok(c) -> bool:
+        if isinstance(c, AndCondition | OrCondition):
+            return all(ok(x) for x in c.conditions)
+        return type(c) in (ComparisonCondition, NullityCondition)
+
+    condition = getattr(obj, "row_condition", None)
+    if getattr(obj, "condition_parser", None) is not None or not (condition is None or ok(condition)):
+        raise ValueError("a row condition that Great Expectations would evaluate as text is not allowed")
 
 
 def _rejection(e: Expectation, exc: Exception) -> str:
@@ -123,7 +173,7 @@ def _run_suite(frame, expectations: list) -> dict[str, Any]:
 
 def _title(e: Expectation) -> str:
     args = ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in e.kwargs.items())
-    return f"{e.type}({args})"
+    return f"{e.type}({args})" + (f" where {e.where.describe()}" if e.where is not None else "")
 
 
 def _exception(r: dict) -> str | None:
