@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 HEALTHY = ["acme__churn-baseline", "acme__churn-xgb", "globex__upsell", "acme__churn-xgb__monitor",
            "acme__deployments", "globex__upsell__monitor"]
-EXTRA = [("ten-megabyte", None, "acme", "larger than 256 KiB"),
+EXTRA = [("ten-megabyte", None, "acme", "larger than 64 KiB"),
          ("churn-baseline", None, "acme", "is already defined in")]  # the .yml twin of a healthy spec
 
 
@@ -67,7 +67,7 @@ def test_lint_reports_every_bad_spec_with_file_and_line(corpus):
     for case, _, tenant, expected in BAD:
         assert f"{tenant}/{case}.yaml:" in out, case
         assert _expected(case, expected) in out, (case, expected)
-    assert "acme/ten-megabyte.yaml:" in out and "larger than 256 KiB" in out
+    assert "acme/ten-megabyte.yaml:" in out and "larger than 64 KiB" in out
     assert "acme/churn-baseline.yml:" in out and "is already defined in" in out
 
 

@@ -128,7 +128,7 @@ def test_bad_spec_reports_exact_error(platform, case_id, text, tenant, expected)
 def test_ten_megabyte_file_is_refused_before_parsing(platform):
     write_spec(platform.specs_dir, "acme", "mini", MINIMAL + "# " + "x" * (10 * 2**20) + "\n")
     catalog = load_catalog(platform)
-    assert "larger than 256 KiB" in str(catalog.broken[0].problems[0])
+    assert "larger than 64 KiB" in str(catalog.broken[0].problems[0])
 
 
 def test_duplicate_pipeline_name_yaml_and_yml(platform):

@@ -20,6 +20,10 @@ def cmd_lint(args: argparse.Namespace) -> int:
     only = [Path(f).resolve() for f in args.files] if args.files else None
     catalog = load_catalog(config, only=only)
     problems = list(catalog.problems)
+    if catalog.specs:  # a lint-clean spec always builds: the real factory and DagBag's checks (factory/check.py)
+        from mlplatform.factory.check import build_problems
+
+        problems += build_problems(catalog, config)
     if not args.files:
         problems += _dagfile_problems(catalog, config)
     if args.deep:

@@ -50,10 +50,13 @@ def _not_reserved_tag(value: str) -> str:
                          "'mlplatform*' and 'invalid-spec' are set by the platform and filter DAGs in the UI")
     return value
 
-_DURATION_RE = re.compile(r"^(\d+)(s|m|h|d)$")
+_DURATION_RE = re.compile(r"^(\d{1,30})(s|m|h|d)$")
+# Absolute cap on every duration of a spec or tenant file: far above any sane value, far below what
+# datetime.timedelta can hold (999,999,999 days), so no duration can overflow when the DAG is built.
+MAX_DURATION_SECONDS = 3650 * 86400
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_CPU_RE = re.compile(r"^(\d+(\.\d+)?)(m?)$")
-_MEM_RE = re.compile(r"^(\d+(\.\d+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+_CPU_RE = re.compile(r"^(\d{1,9}(\.\d{1,9})?)(m?)$")
+_MEM_RE = re.compile(r"^(\d{1,15}(\.\d{1,9})?)(Ki|Mi|Gi|Ti|K|M|G|T)?$")
 _MEM_UNITS = {None: 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
               "Ti": 2**40}
 
@@ -63,11 +66,15 @@ def duration_seconds(value: str | int) -> int:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30s, 15m, 2h or 7d")
     if isinstance(value, int):
-        return value
-    m = _DURATION_RE.match(str(value).strip())
-    if not m:
-        raise ValueError(f"{value!r} is not a duration: write a number and a unit, e.g. 30s, 15m, 2h or 7d")
-    return int(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        seconds = value
+    else:
+        m = _DURATION_RE.match(str(value).strip())
+        if not m:
+            raise ValueError(f"{value!r} is not a duration: write a number and a unit, e.g. 30s, 15m, 2h or 7d")
+        seconds = int(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if not 0 <= seconds <= MAX_DURATION_SECONDS:
+        raise ValueError(f"{value!r} is above the platform's limit of 3650d for any duration")
+    return seconds
 
 
 def cpu_cores(value: str | float | int) -> float:
@@ -118,7 +125,7 @@ class DataSpec(Strict):
     timestamp: Column = Field(description="Event timestamp column.")
     label: Column = Field(description="Label (target) column.")
     features: list[Column] | None = Field(
-        None, description="Feature columns; default: every other column of the source."
+        None, max_length=500, description="Feature columns (at most 500); default: every other column of the source."
     )
     connection_id: Line | None = Field(
         None, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$",
@@ -143,15 +150,15 @@ class Expectation(Strict):
 class ValidationSpec(Strict):
     expectations: list[Expectation] = Field(
         default_factory=list,
-        max_length=100,
-        description="Checks on the input data; by default the entity, timestamp and label must be non-null.",
+        max_length=50,
+        description="Checks on the input data (at most 50); by default the entity, timestamp and label must be non-null.",
     )
     min_rows: int = Field(100, ge=1)
 
 
 class FeatureView(Strict):
     name: Name
-    features: list[Column] = Field(min_length=1)
+    features: list[Column] = Field(min_length=1, max_length=200, description="At most 200 per view, 500 in all views.")
     ttl: str = Field("30d", description="How far back a point-in-time join may look, e.g. 30d.")
 
     @field_validator("ttl")
@@ -197,7 +204,7 @@ class Tunable(Strict):
 
     minimum: float | None = Field(None, alias="min")
     maximum: float | None = Field(None, alias="max")
-    choices: list[HyperValue] | None = None
+    choices: list[HyperValue] | None = Field(None, min_length=1, max_length=20)
 
     @model_validator(mode="after")
     def _one_kind(self) -> Tunable:
@@ -215,13 +222,21 @@ class TrainingSpec(Strict):
     model: Literal["gradient_boosting", "random_forest", "logistic_regression"] = Field(
         "gradient_boosting", description="Estimator for framework sklearn (ignored for xgboost)."
     )
-    hyperparameters: dict[Annotated[str, Field(pattern=COLUMN_RE)], HyperValue] = Field(default_factory=dict)
+    hyperparameters: dict[Annotated[str, Field(pattern=COLUMN_RE)], HyperValue] = Field(
+        default_factory=dict, max_length=32,
+        description="At most 32; names and ranges per framework (and sklearn model) are the platform's "
+        "(include/platform/bounds.yaml). device, n_jobs/nthread and other thread counts are set by the platform "
+        "from resources.",
+    )
     tunable: dict[Annotated[str, Field(pattern=COLUMN_RE)], Tunable] = Field(
-        default_factory=dict, description="Hyperparameters a person may override in the trigger form, with bounds."
+        default_factory=dict, max_length=10,
+        description="Hyperparameters a person may override in the trigger form, with bounds (at most 10, each "
+        "inside the platform's range).",
     )
     resources: Resources = Field(default_factory=Resources)
     holdout_fraction: float = Field(0.2, gt=0.0, lt=0.9)
-    timeout: str = Field("2h")
+    timeout: str = Field("2h", description="Train task timeout; at most the tenant's max_training_timeout "
+                         "(platform default 24h).")
 
     @field_validator("timeout")
     @classmethod
@@ -388,6 +403,24 @@ class Quotas(Strict):
     max_active_runs: int = Field(1, ge=1, le=100, description="Per pipeline DAG.")
     max_cpu_per_task: str | float = "8"
     max_memory_per_task: str = "32Gi"
+    # Unset: the platform default from include/platform/bounds.yaml (tenant_defaults), see spec/bounds.py.
+    max_training_timeout: str | None = Field(
+        None, description="Longest spec.training.timeout the tenant's specs may ask for; default 24h.")
+    min_schedule_interval: str | None = Field(
+        None, description="Shortest gap between two runs of a pipeline's schedule or its monitoring schedule "
+        "(a cron's closest two runs); default 1h.")
+    schedule_presets: list[Literal["@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly",
+                                   "@yearly", "@annually"]] | None = Field(
+        None, description="Schedule presets the tenant's specs may use; default every preset but @continuous.")
+    max_serving_replicas: int | None = Field(
+        None, ge=1, le=100, description="Most min_replicas/max_replicas of a KServe deployment; default 10.")
+
+    @field_validator("max_training_timeout", "min_schedule_interval")
+    @classmethod
+    def _durations(cls, v: str | None) -> str | None:
+        if v is not None:
+            duration_seconds(v)
+        return v
 
     @field_validator("max_cpu_per_task")
     @classmethod

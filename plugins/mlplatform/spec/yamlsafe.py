@@ -18,7 +18,7 @@ import yaml
 
 from mlplatform.spec.errors import Problem, SpecError
 
-MAX_BYTES = 256 * 1024
+MAX_BYTES = 64 * 1024  # the largest spec the caps allow (500 features, 50 expectations, 500 drift columns...) is ~58 KiB
 MAX_DEPTH = 20
 MAX_NODES = 20_000
 
