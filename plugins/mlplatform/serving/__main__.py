@@ -14,8 +14,10 @@ Settings (environment, as set on the compose ``gateway`` service):
 - ``MLPLATFORM_PREDICTION_LOG_URL``: ``postgresql://...`` logs predictions to PostgreSQL; unset: JSONL files
   under ``$MLPLATFORM_HOME/gateway/predictions``.
 - Tokens: ``$MLPLATFORM_HOME/gateway/tokens.json`` (``--tokens-file``), tenant -> SHA-256 digests of its
-  bearer tokens (see ``mlplatform.serving.auth``). Without a tokens file every model request is refused
-  (401) unless ``--allow-anonymous`` is given (local development only).
+  bearer tokens (see ``mlplatform.serving.auth``). Without a tokens file every request but the probes is
+  refused (401) unless ``--allow-anonymous`` is given (local development only).
+- ``MLPLATFORM_GATEWAY_MAX_BODY_BYTES``, ``_MAX_INSTANCES``, ``_MAX_HEADER_BYTES``, ``_READ_TIMEOUT``,
+  ``_MAX_CONNECTIONS``: request limits (see ``mlplatform.serving.guard``).
 """
 
 from __future__ import annotations
