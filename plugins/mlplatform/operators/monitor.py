@@ -84,7 +84,8 @@ class DriftCheckOperator(StageOperator):
 
     # ----------------------------------------------------------------------------------------- run
     def run(self, ctx, upstream, context):
-        from mlplatform.stages.drift import drift_between, summary_lines
+        from mlplatform import sandbox
+        from mlplatform.stages.drift import summary_lines
 
         self.report_link = self.report_json_link = None
         md = ctx.spec.metadata
@@ -108,10 +109,13 @@ class DriftCheckOperator(StageOperator):
         features = self._features(ctx, Path(reference))
         out_dir = ctx.config.artifact_dir(md.tenant, md.name, f"monitor__{ctx.run_key}")
         current_files, current_id, source = self._current(ctx, features, out_dir)
-        result = drift_between(ctx.spec, [Path(reference)], current_files, features, out_dir)
+        # Tenant data, column names and the champion model (output of tenant-influenced training) are handled
+        # in the tenant's sandbox; the registry, the prediction log, reports and alerts stay here.
+        result = sandbox.run("mlplatform.stages.entry:drift_check", str(reference), [str(f) for f in current_files],
+                             str(out_dir), ctx.spec.model_name, str(champion.version),
+                             self._champion_eval(ctx, client, champion), features, ctx=ctx)
         result.update({k: v for k, v in base.items() if k not in result}, status="checked", current=current_id,
                       current_source=source, current_files=[str(f) for f in current_files])
-        result.update(self._model_checks(ctx, client, champion, Path(reference), current_files, features, out_dir))
         self._publish(ctx, result)
         from mlplatform.stages import monitor_data
 
@@ -177,27 +181,14 @@ class DriftCheckOperator(StageOperator):
                                                           ctx.tenant.spec.data.allowed_prefixes), ctx.as_of)
         return list(current.files), f"{ctx.spec.spec.data.source}@dt={current.date}", "partition"
 
-    def _model_checks(self, ctx, client, champion, reference: Path, current_files: list[Path],
-                      features: list[str], out_dir: Path) -> dict:
-        """Prediction drift and (with labels) performance of the champion; a failure here is reported, not
-        raised: the feature-drift verdict stands on its own."""
-        import pandas as pd
-
-        from mlplatform.stages.monitor_data import champion_model, performance, prediction_drift
-
+    def _champion_eval(self, ctx, client, champion) -> float | None:
+        """The champion's ``eval_<metric>`` at evaluation time (for the performance check), None if unknown."""
+        metric = f"eval_{ctx.spec.spec.evaluation.metric}"
         try:
-            model, columns = champion_model(ctx.spec.model_name, str(champion.version))
-            columns = columns or features
-            ref = pd.read_parquet(reference)
-            cur = pd.concat([pd.read_parquet(f) for f in current_files], ignore_index=True)
-            pred = prediction_drift(ctx.spec, model, columns, ref, cur, out_dir)
-            metric = f"eval_{ctx.spec.spec.evaluation.metric}"
-            champion_eval = client.get_run(champion.run_id).data.metrics.get(metric) if champion.run_id else None
-            return {"prediction_drift": pred, "performance": performance(ctx.spec, model, columns, cur, champion_eval)}
-        except Exception as exc:  # noqa: BLE001 - e.g. a champion whose model cannot load here
-            log.warning("prediction drift / performance not computed: %s: %s", type(exc).__name__, exc)
-            return {"prediction_drift": None, "performance": None,
-                    "model_checks_error": f"{type(exc).__name__}: {exc}"}
+            return client.get_run(champion.run_id).data.metrics.get(metric) if champion.run_id else None
+        except Exception as exc:  # noqa: BLE001 - the performance check then has no baseline
+            log.warning("could not read %s of the champion's run %s: %s", metric, champion.run_id, exc)
+            return None
 
     def _features(self, ctx, reference: Path) -> list[str]:
         import pyarrow.parquet as pq

@@ -14,12 +14,12 @@ from mlplatform.operators.base import StageOperator
 log = logging.getLogger(__name__)
 
 
-def _partitions(ctx: Any):
-    from mlplatform.data.partitions import list_partitions, split_partitions
+def _isolated(entry: str, ctx: Any, *args: Any) -> Any:
+    """Run ``mlplatform.stages.entry.<entry>`` in the tenant's sandbox: tenant data, column names and
+    hyperparameters never meet the secrets of this task process (``mlplatform.sandbox``)."""
+    from mlplatform import sandbox
 
-    training, current = split_partitions(list_partitions(ctx.spec.spec.data.source, ctx.config,
-                                                      ctx.tenant.spec.data.allowed_prefixes), ctx.as_of)
-    return [f for p in training for f in p.files], list(current.files), current.date
+    return sandbox.run(f"mlplatform.stages.entry:{entry}", *args, ctx=ctx)
 
 
 class ValidateOperator(StageOperator):
@@ -28,15 +28,7 @@ class ValidateOperator(StageOperator):
     stage = "validate"
 
     def run(self, ctx, upstream, context):
-        from mlplatform.stages.validate import validate_data
-
-        training_files, _, current_date = _partitions(ctx)
-        result = validate_data(ctx, training_files)
-        log.info("validation passed: %s rows, %s expectations, %s warnings",
-                 result["rows"], result["evaluated"], len(result["warnings"]))
-        for w in result["warnings"]:
-            log.warning("expectation warning: %s", w)
-        return {**result, "as_of": current_date, "training_files": [str(f) for f in training_files]}
+        return _isolated("validate", ctx)
 
 
 class FeaturesOperator(StageOperator):
@@ -45,14 +37,7 @@ class FeaturesOperator(StageOperator):
     stage = "features"
 
     def run(self, ctx, upstream, context):
-        from mlplatform.stages.features import build_features
-
-        training_files, current_files, _ = _partitions(ctx)
-        result = build_features(ctx, training_files, current_files)
-        result["current_files"] = [str(f) for f in current_files]
-        log.info("training set: %s rows (%s train / %s holdout), fingerprint %s",
-                 result["rows"], result["train_rows"], result["holdout_rows"], result["fingerprint"])
-        return result
+        return _isolated("features", ctx)
 
 
 class TrainOperator(StageOperator):
@@ -65,15 +50,13 @@ class TrainOperator(StageOperator):
     def run(self, ctx, upstream, context):
         features = upstream["features"]
         if ctx.config.train_backend == "kubernetes":
+            # Platform work: creates the pod (tenant namespace and service account) with the cluster connection.
             from mlplatform.k8s.run import run_pod_trainer
 
             result = run_pod_trainer(ctx, features, context)
-        else:
-            from mlplatform.stages.train_local import run_local_trainer
-
-            result = run_local_trainer(ctx, features)
-        log.info("trained run %s: %s", result["run_id"], json.dumps(result.get("metrics", {}), sort_keys=True))
-        return result
+            log.info("trained run %s: %s", result["run_id"], json.dumps(result.get("metrics", {}), sort_keys=True))
+            return result
+        return _isolated("train_local", ctx, features)
 
     def execute_complete(self, context, event=None, **kwargs):
         """Where the triggerer resumes the kubernetes backend's deferred pod (``mlplatform.k8s.run``)."""
@@ -91,11 +74,7 @@ class EvaluateOperator(StageOperator):
     upstream_stages = ("train", "features")
 
     def run(self, ctx, upstream, context):
-        from mlplatform.stages.evaluate import evaluate_model
-
-        result = evaluate_model(ctx, upstream["train"], upstream["features"])
-        log.info("evaluation %s: %s", result["decision"].upper(), result["reason"])
-        return result
+        return _isolated("evaluate", ctx, upstream["train"], upstream["features"])
 
 
 class RegisterOperator(StageOperator):
@@ -149,23 +128,11 @@ class DriftMonitorOperator(StageOperator):
     upstream_stages = ("features",)
 
     def run(self, ctx, upstream, context):
-        from mlplatform.stages.drift import compute_drift, summary_lines
-
-        features = upstream["features"]
-        result = compute_drift(ctx, _path(features["train_path"]), [_path(f) for f in features["current_files"]],
-                               features["feature_columns"])
-        for line in summary_lines(result):
-            log.info("%s", line)
+        result = _isolated("drift_monitor", ctx, upstream["features"])
         result["event_emitted"] = False
         if result["drift_detected"]:
             log.info("drift found; retraining is requested by the monitor DAG %s__monitor, not here", ctx.dag_id)
         return result
-
-
-def _path(value: str):
-    from pathlib import Path
-
-    return Path(value)
 
 
 class SpecErrorOperator(BaseOperator):
