@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 
 from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable
@@ -140,35 +141,38 @@ def build_broken_dag(broken: BrokenSpec) -> DAG:
     return dag
 
 
-def build_all(catalog: Catalog, config: PlatformConfig, budget=None) -> dict[str, DAG]:
+def build_all(catalog: Catalog, config: PlatformConfig,
+              results: Iterable[LoadedSpec | BrokenSpec] | None = None) -> dict[str, DAG]:
     """Every DAG: one per valid spec, a stand-in per broken one. One failure never hides the others.
 
-    ``budget`` (``factory.budget.ParseBudget``): once spent, the remaining specs get its cheap stand-in.
+    ``results``: the specs as ``spec.loader.load_specs`` loads them into ``catalog``, each built before the next
+    file is read (a tenant's DAG file does this, so its parse budget covers reading and building alike).
     """
     dags: dict[str, DAG] = {}
-    for loaded in catalog.specs:
-        if budget is not None and budget.exceeded():
-            stand_in = budget.stand_in(loaded.path, loaded.display, loaded.spec.metadata.tenant, loaded.spec.metadata.name)
-            if stand_in is not None:
-                dags[stand_in.dag_id] = build_broken_dag(stand_in)
-            continue
-        try:
-            dags[loaded.dag_id] = build_dag(loaded, catalog, config)
-        except Exception as exc:  # a factory bug must not take every other tenant's DAGs down with it
-            log.exception("building %s failed", loaded.dag_id)
-            from mlplatform.spec.errors import Problem
-
-            problem = Problem(loaded.display, 1, 1, "", f"internal error building the DAG: {exc!r}")
-            broken = BrokenSpec(loaded.path, loaded.display, loaded.spec.metadata.tenant,
-                                loaded.spec.metadata.name, [problem])
-            dags[broken.dag_id] = build_broken_dag(broken)
-            continue
-        try:
-            dags[monitor_dag_id(loaded)] = build_monitor_dag(loaded, catalog, config)
-        except Exception:  # the pipeline DAG stays; only its monitor is missing until fixed
-            log.exception("building the monitor DAG of %s failed", loaded.dag_id)
-    for broken in catalog.broken:
-        if broken.dag_id not in dags:
-            dags[broken.dag_id] = build_broken_dag(broken)
+    stream = results is not None
+    for item in results if stream else [*catalog.specs, *catalog.broken]:
+        if isinstance(item, LoadedSpec):
+            dags.update(build_spec_dags(item, catalog, config))
+        elif item.dag_id not in dags:  # a broken twin never replaces a healthy pipeline
+            dags[item.dag_id] = build_broken_dag(item)
     dags.update(build_control_dags(catalog, config))
+    return dags
+
+
+def build_spec_dags(loaded: LoadedSpec, catalog: Catalog, config: PlatformConfig) -> dict[str, DAG]:
+    """A valid spec's pipeline and monitor DAGs; a factory error gives a stand-in instead of raising."""
+    try:
+        dags = {loaded.dag_id: build_dag(loaded, catalog, config)}
+    except Exception as exc:  # a factory bug must not take every other tenant's DAGs down with it
+        log.exception("building %s failed", loaded.dag_id)
+        from mlplatform.spec.errors import Problem
+
+        problem = Problem(loaded.display, 1, 1, "", f"internal error building the DAG: {exc!r}")
+        broken = BrokenSpec(loaded.path, loaded.display, loaded.spec.metadata.tenant,
+                            loaded.spec.metadata.name, [problem])
+        return {broken.dag_id: build_broken_dag(broken)}
+    try:
+        dags[monitor_dag_id(loaded)] = build_monitor_dag(loaded, catalog, config)
+    except Exception:  # the pipeline DAG stays; only its monitor is missing until fixed
+        log.exception("building the monitor DAG of %s failed", loaded.dag_id)
     return dags

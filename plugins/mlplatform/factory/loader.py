@@ -26,7 +26,15 @@ from mlplatform.factory.build import build_all, build_broken_dag
 from mlplatform.factory.control import control_dag_id
 from mlplatform.factory.monitor import MONITOR_SUFFIX
 from mlplatform.spec.errors import Problem
-from mlplatform.spec.loader import SPEC_SUFFIXES, BrokenSpec, _display, _files, load_catalog
+from mlplatform.spec.loader import (
+    SPEC_SUFFIXES,
+    BrokenSpec,
+    _display,
+    _files,
+    load_catalog,
+    load_specs,
+    platform_catalog,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +52,8 @@ def load_dags(tenant: str | None = None) -> dict:
         return _variables(build_all(load_catalog(config, only=only), config))
     only = tenant_spec_files(tenant, only, config)
     budget = ParseBudget.for_tenant(tenant, config)
-    catalog = load_catalog(config, only=only, tenants=[tenant], budget=budget)
-    dags = build_all(catalog, config, budget=budget)
+    catalog = platform_catalog(config, tenants=[tenant])  # the tenant's own file and the templates, once
+    dags = build_all(catalog, config, load_specs(catalog, config, only, budget))  # read one, build it, next
     if budget is not None and budget.spent is not None:
         log.warning("tenant %s: parse budget of %gs spent after %.1fs; %d spec(s) are stand-ins, %d have no DAG",
                     tenant, budget.seconds, budget.spent, budget.stand_ins, budget.dropped)
@@ -54,7 +62,7 @@ def load_dags(tenant: str | None = None) -> dict:
 
 
 def load_unassigned_dags(dag_file: str | Path) -> dict:
-    """Stand-ins for the spec folders no ``tenant_<folder>.py`` next to ``dag_file`` parses; never a pipeline.
+    """Stand-ins for the spec folders no ``tenant_<folder>.py`` next to ``dag_file`` parses.
 
     A folder with a tenant file but no DAG file: one cheap stand-in per spec saying so (its specs are not
     read). A folder without a tenant file: its specs are loaded for their errors ("unknown tenant ...").
@@ -82,10 +90,9 @@ def load_unassigned_dags(dag_file: str | Path) -> dict:
             display = _display(path, config)
             broken = BrokenSpec(path, display, *file_dag_id_parts(path), [Problem(display, 1, 1, "", message)])
             dags[broken.dag_id] = build_broken_dag(broken)
-    if unknown:
-        catalog = load_catalog(config, only=unknown, budget=budget)
-        catalog.specs.clear()  # cannot happen (no tenant file), but this file never builds a pipeline
-        dags.update(build_all(catalog, config))
+    if unknown:  # no tenant file: every spec is an "unknown tenant" stand-in (lint's message, "did you mean")
+        catalog = platform_catalog(config)
+        dags.update(build_all(catalog, config, load_specs(catalog, config, unknown, budget)))
     return _variables(dags)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import posixpath
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -185,17 +185,31 @@ def _display(path: Path, config: PlatformConfig) -> str:
 # ------------------------------------------------------------------------------------------------ specs
 
 
-def load_catalog(config: PlatformConfig, only: list[Path] | None = None, *, tenants: Collection[str] | None = None,
-                 budget: Any = None) -> Catalog:
+def load_catalog(config: PlatformConfig, only: list[Path] | None = None, *, tenants: Collection[str] | None = None) -> Catalog:
     """Load everything; ``only`` restricts the specs checked (templates are always loaded, tenant files too
-    unless ``tenants`` names the ones to read: a tenant's DAG file reads only its own).
+    unless ``tenants`` names the ones to read: a tenant's DAG file reads only its own)."""
+    catalog = platform_catalog(config, tenants)
+    for _ in load_specs(catalog, config, only):
+        pass
+    return catalog
+
+
+def platform_catalog(config: PlatformConfig, tenants: Collection[str] | None = None) -> Catalog:
+    """A catalog of the tenant files (only ``tenants`` when given) and templates, without specs yet."""
+    catalog = Catalog()
+    catalog.tenants.update(_load_platform_files(config.tenants_dir, TenantFile, "tenant", config, catalog, tenants))
+    catalog.templates.update(_load_platform_files(config.templates_dir, PipelineTemplate, "template", config, catalog))
+    return catalog
+
+
+def load_specs(catalog: Catalog, config: PlatformConfig, only: list[Path] | None = None,
+               budget: Any = None) -> Iterator[LoadedSpec | BrokenSpec]:
+    """Load the specs (``only``, else every spec) one at a time into ``catalog``, yielding each as it is added,
+    so a DAG file can build each one before the next file is read.
 
     ``budget`` (``factory.budget.ParseBudget``): once spent, the remaining files are not read; each becomes
     the budget's stand-in.
     """
-    catalog = Catalog()
-    catalog.tenants.update(_load_platform_files(config.tenants_dir, TenantFile, "tenant", config, catalog, tenants))
-    catalog.templates.update(_load_platform_files(config.templates_dir, PipelineTemplate, "template", config, catalog))
     paths = only if only is not None else spec_paths(config)
     seen: dict[str, str] = {}
     for path in paths:
@@ -203,6 +217,7 @@ def load_catalog(config: PlatformConfig, only: list[Path] | None = None, *, tena
             stand_in = budget.stand_in(path, _display(path, config))
             if stand_in is not None:
                 catalog.broken.append(stand_in)
+                yield stand_in
             continue
         result = load_spec(path, config, catalog)
         if isinstance(result, LoadedSpec):
@@ -210,14 +225,15 @@ def load_catalog(config: PlatformConfig, only: list[Path] | None = None, *, tena
                 problem = result.located.problem(
                     ("metadata", "name"), f"pipeline {result.spec.metadata.name!r} is already defined in {seen[result.dag_id]}"
                 )
-                catalog.broken.append(BrokenSpec(path, result.display, result.spec.metadata.tenant,
-                                                 result.spec.metadata.name, [problem]))
+                result = BrokenSpec(path, result.display, result.spec.metadata.tenant, result.spec.metadata.name, [problem])
+                catalog.broken.append(result)
+                yield result
                 continue
             seen[result.dag_id] = result.display
             catalog.specs.append(result)
         else:
             catalog.broken.append(result)
-    return catalog
+        yield result
 
 
 def spec_paths(config: PlatformConfig) -> list[Path]:
@@ -313,9 +329,6 @@ def check_spec(
         p.append(located.problem(("spec", "monitoring", "schedule"), problem))
     p += _check_columns(spec, located)
     p += _check_tunable(spec, located)
-    from mlplatform.spec.bounds import check_bounds  # platform ranges, tenant limits (spec/bounds.py)
-
-    p += check_bounds(spec, located, tenant)
     p += _check_expectations(spec, located)
     return p, []
 
