@@ -641,6 +641,7 @@ def test_header_size_slow_clients_and_connection_limit(hardened, tmp_path):
     assert exchange(_request_head(port, extra="".join(f"X-H{i}: {'a' * 100}\r\n" for i in range(100))))[0] == 431
     head = f"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: ".encode()
     assert exchange(head, *[b"a" * 4096] * 8, pause=0.01)[0] == 431
+    assert exchange(b"GET /v1/models/" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 431
     # slow-loris: headers never finish, or the body never comes: 408 after read_timeout (1 s), not forever
     started = time.monotonic()
     assert exchange(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")[0] == 408
@@ -655,7 +656,7 @@ def test_header_size_slow_clients_and_connection_limit(hardened, tmp_path):
     # connections beyond max_connections get 503 at once
     from dataclasses import replace
 
-    app = create_app("unused", RoutingTable({}), tmp_path / "p2", limits=replace(SMALL, max_connections=3))
+    app = create_app("unused", RoutingTable({}), tmp_path / "p2", limits=replace(SMALL, max_connections=3, read_timeout=30))
     with GatewayServer(app) as server:
         held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
         try:
