@@ -656,7 +656,8 @@ def test_header_size_slow_clients_and_connection_limit(hardened, tmp_path):
     # connections beyond max_connections get 503 at once
     from dataclasses import replace
 
-    app = create_app("unused", RoutingTable({}), tmp_path / "p2", limits=replace(SMALL, max_connections=3, read_timeout=30))
+    app = create_app("unused", RoutingTable({}), tmp_path / "p2",
+                     limits=replace(SMALL, max_connections=3, read_timeout=30))
     with GatewayServer(app) as server:
         held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
         try:
