@@ -8,8 +8,8 @@ A request for ``/v1/models/<tenant>/<pipeline>`` must carry ``Authorization: Bea
 is listed under ``<tenant>`` (or under ``"*"``, the platform team's tokens). Missing or unknown token: 401; a
 token of another tenant: 403. ``/v1/routes`` and ``/metrics`` need a token too: the platform's token sees every
 model, a tenant's token only that tenant's. The gateway's ``Guard`` middleware checks all of this from the
-headers, before a byte of the body is read. ``python -m mlplatform.serving token <tenant>`` prints a new token and adds its
-digest to the file. The embedded canary gateway of the deploy stage runs without auth (loopback, ephemeral
+headers, before a byte of the body is read. ``python -m mlplatform.serving token <tenant>`` prints a new
+token and adds its digest to the file. The embedded canary gateway of the deploy stage runs without auth (loopback, ephemeral
 port, lives for one task).
 """
 
