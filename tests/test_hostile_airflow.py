@@ -45,6 +45,7 @@ def corpus(tmp_path_factory):
         write_spec(specs, tenant, case, _case_text(case, text))
     write_spec(specs, "acme", "ten-megabyte", "# " + "x" * (10 * 2**20) + "\n")
     shutil.copy(specs / "acme" / "churn-baseline.yaml", specs / "acme" / "churn-baseline.yml")
+    _links_and_reserved_names(root, specs)
     env = {"MLPLATFORM_HOME": str(root / "home"), "MLPLATFORM_SPECS_DIR": str(specs),
            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'home' / 'mlflow.db'}"}
     restore_environ = set_platform_environ(env)
@@ -85,3 +86,44 @@ def test_dag_processor_keeps_every_healthy_dag_and_shows_each_error(corpus):
         details = api.http.get(f"/dags/{dag_id}/details").json()
         assert f"{tenant}/{case}.yaml:" in details["doc_md"], dag_id
         assert _expected(case, expected) in details["doc_md"], (dag_id, expected)
+
+# ------------------------------------------------- issue 11: symlinked spec files, a pipeline named like the control DAG
+
+SENTINEL = "SENTINEL-PLATFORM-JWT-SECRET"
+LINKS = ["linked-secret", "linked-spec"]
+
+
+def _links_and_reserved_names(root, specs):
+    """acme/linked-secret.yaml -> a platform file holding a sentinel, acme/linked-spec.yaml -> globex's spec,
+    and acme/deployments.yaml (whose DAG id would be the control DAG's)."""
+    secret = root / "platform-secret.yaml"
+    secret.write_text(f"apiVersion: {SENTINEL}\n")
+    (specs / "acme" / "linked-secret.yaml").symlink_to(secret)
+    (specs / "acme" / "linked-spec.yaml").symlink_to(specs / "globex" / "upsell.yaml")
+    [reserved] = [text for case, text, _, _ in BAD if case == "reserved-name"]
+    write_spec(specs, "acme", "deployments", reserved)
+
+
+def test_lint_refuses_symlinks_and_reserved_names_without_echoing_targets(corpus):
+    from mlplatform.local_airflow import BIN
+
+    proc = subprocess.run([str(BIN / "mlplatform"), "lint"], env={**os.environ, **corpus["env"]},
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    for case in LINKS:
+        assert f"acme/{case}.yaml:1:1: spec file is a symbolic link: refused without reading it" in out, case
+    assert "acme/deployments.yaml:3:12: metadata.name: pipeline name 'deployments' is reserved" in out
+    assert SENTINEL not in out and "platform-secret" not in out
+
+
+def test_symlinks_and_reserved_names_become_stand_ins_and_the_control_dag_stays(corpus):
+    api = corpus["api"]
+    for dag_id, expected in [*((f"acme__{c}", "spec file is a symbolic link") for c in LINKS),
+                             ("acme__deployments-reserved-name", "pipeline name 'deployments' is reserved")]:
+        dag = api.wait_for_dag(dag_id, timeout=60)
+        assert "invalid-spec" in [t["name"] for t in dag["tags"]], dag_id
+        details = api.http.get(f"/dags/{dag_id}/details").json()
+        assert expected in details["doc_md"] and SENTINEL not in details["doc_md"], dag_id
+    control = api.http.get("/dags/acme__deployments").json()
+    tags = [t["name"] for t in control["tags"]]
+    assert "mlplatform-control" in tags and "invalid-spec" not in tags

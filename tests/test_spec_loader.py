@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import pytest
@@ -112,6 +113,140 @@ BAD = [
 ]
 
 
+# --------------------------------------------------------------- issue 11: evaluator sinks, template text, secrets
+
+
+def _expect(*items: str) -> str:
+    """MINIMAL with spec.validation.expectations holding ``items`` (YAML list items, one line each)."""
+    return _replace("spec:\n", "spec:\n  validation:\n    expectations:\n" + "".join(f"      - {i}\n" for i in items))
+
+
+def _meta(extra: str) -> str:
+    """MINIMAL with block-style metadata plus ``extra`` on line 6 (so a longer name shifts no column)."""
+    return _replace("metadata: {name: mini, tenant: acme}\n", "metadata:\n  name: mini\n  tenant: acme\n  " + extra + "\n")
+
+
+def _hyper(extra: str) -> str:
+    return _replace("{framework: xgboost}", "{framework: xgboost, hyperparameters: {" + extra + "}}")
+
+
+BAD += [  # issue 11: tenants are hostile (each case also runs on a real dag-processor: test_hostile_airflow)
+    # Great Expectations: no evaluator reachable from kwargs
+    ("gx-row-condition-shell", _expect("{type: expect_column_values_to_not_be_null, kwargs: {column: plan, "
+                                       "row_condition: \"@pd.io.common.os.system('touch /tmp/MARKER') == 0\"}}"), "acme",
+     "mini.yaml:7:76: spec.validation.expectations[0].kwargs.row_condition: 'row_condition' is not allowed: a"),
+    ("gx-row-condition-dunder", _expect("{type: expect_column_values_to_be_in_set, kwargs: {column: plan, value_set: [a], "
+                                        "row_condition: \"customer_id.__class__.__init__.__globals__['os'].system('id') == 0\", "
+                                        "condition_parser: pandas}}"), "acme",
+     "mini.yaml:7:90: spec.validation.expectations[0].kwargs.row_condition: 'row_condition' is not allowed: a"),
+    ("gx-condition-parser", _expect("{type: expect_column_values_to_not_be_null, kwargs: {column: plan, condition_parser: great_expectations}}"), "acme",
+     "mini.yaml:7:76: spec.validation.expectations[0].kwargs.condition_parser: 'condition_parser' is not allowed:"),
+    ("gx-sql-expectation", _expect("{type: expect_query_results_to_match_comparison, kwargs: {base_query: 'SELECT 1', "
+                                   "comparison_data_source_name: x, comparison_query: 'SELECT 1'}}"), "acme",
+     'mini.yaml:7:10: spec.validation.expectations[0].type: expect_query_results_to_match_comparison is not allowed in'),
+    ("gx-json-schema-ref", _expect("{type: expect_column_values_to_match_json_schema, kwargs: {column: plan, "
+                                   "json_schema: {$ref: 'http://169.254.169.254/latest/meta-data/'}}}"), "acme",
+     'mini.yaml:7:10: spec.validation.expectations[0].type: expect_column_values_to_match_json_schema is not allowed in'),
+    ("gx-unknown-type", _expect("{type: expect_column_values_to_be_nice, kwargs: {column: plan}}"), "acme",
+     'mini.yaml:7:10: spec.validation.expectations[0].type: unknown or not allowed expectation type'),
+    ("gx-misspelled-kwarg", _expect("{type: expect_column_values_to_be_between, kwargs: {column: tenure_months, max_vaule: 3}}"), "acme",
+     "mini.yaml:7:84: spec.validation.expectations[0].kwargs.max_vaule: unknown kwarg 'max_vaule' of"),
+    ("gx-wrong-kwarg-type", _expect("{type: expect_column_values_to_be_between, kwargs: {column: tenure_months, min_value: lots}}"), "acme",
+     "mini.yaml:7:84: spec.validation.expectations[0].kwargs.min_value: 'lots' is not a number or an ISO date"),
+    ("gx-suite-parameter", _expect("{type: expect_column_values_to_be_between, kwargs: {column: tenure_months, "
+                                   "min_value: {$PARAMETER: 'now()'}}}"), "acme",
+     'mini.yaml:7:84: spec.validation.expectations[0].kwargs.min_value: expected a number, an ISO date or null, got a'),
+    ("gx-platform-kwarg", _expect("{type: expect_column_values_to_not_be_null, kwargs: {column: plan, "
+                                  "description: '$column is fine', meta: {x: 1}}}"), "acme",
+     "mini.yaml:7:76: spec.validation.expectations[0].kwargs.description: unknown kwarg 'description' of"),
+    ("gx-redos-regex", _expect("{type: expect_column_values_to_match_regex, kwargs: {column: plan, regex: '^(a+)+$'}}"), "acme",
+     'mini.yaml:7:76: spec.validation.expectations[0].kwargs.regex: regex not allowed: a quantifier inside a quantified'),
+    ("gx-column-not-a-name", _expect("{type: expect_column_values_to_not_be_null, kwargs: {column: 'plan`) or (@pd'}}"), "acme",
+     "mini.yaml:7:62: spec.validation.expectations[0].kwargs.column: 'plan`) or (@pd' does not match"),
+    ("where-injected-value", _expect("{type: expect_column_values_to_not_be_null, kwargs: {column: plan}, "
+                                     "where: {column: plan, op: '==', value: \"x' or @pd.io.common.os.system('id') == 0 or 'y\"}}"), "acme",
+     'mini.yaml:7:109: spec.validation.expectations[0].where.value: "x\' or @pd.io.common.os.system(\'id\') == 0 or \'y" is'),
+    ("where-injected-column", _expect("{type: expect_column_values_to_not_be_null, kwargs: {column: plan}, "
+                                      "where: {column: 'plan == 1 or @pd', op: '==', value: 1}}"), "acme",
+     "mini.yaml:7:85: spec.validation.expectations[0].where.column: 'plan == 1 or @pd' does not match"),
+    ("where-unknown-op", _expect("{type: expect_column_values_to_not_be_null, kwargs: {column: plan}, "
+                                 "where: {column: plan, op: matches, value: pro}}"), "acme",
+     "mini.yaml:7:99: spec.validation.expectations[0].where.op: 'matches' is not allowed; expected '==', '!=', '<',"),
+    ("where-on-table-check", _expect("{type: expect_table_columns_to_match_set, kwargs: {column_set: [plan]}, "
+                                     "where: {column: plan, op: '==', value: pro}}"), "acme",
+     'mini.yaml:7:81: spec.validation.expectations[0].where: expect_table_columns_to_match_set checks the whole table'),
+    # template syntax and control characters
+    ("jinja-description", _meta("description: '{{ conn.smtp_default.password }}'"), "acme",
+     "mini.yaml:6:3: metadata.description: template syntax is not allowed in specs: '{{' starts a Jinja expression,"),
+    ("jinja-owner", _meta("owner: '{{ var.value.jwt_secret }}'"), "acme",
+     "mini.yaml:6:3: metadata.owner: template syntax is not allowed in specs: '{{' starts a Jinja expression, statement"),
+    ("jinja-source", _replace("source: acme/churn", "source: 'acme/{{ conn.aws_default.password }}'"), "acme",
+     "mini.yaml:5:10: spec.data.source: template syntax is not allowed in specs: '{{' starts a Jinja expression,"),
+    ("jinja-statement-in-kwarg", _expect("{type: expect_column_values_to_be_in_set, kwargs: {column: plan, "
+                                         "value_set: ['{% for c in conn %}x{% endfor %}']}}"), "acme",
+     "mini.yaml:7:86: spec.validation.expectations[0].kwargs.value_set[0]: template syntax is not allowed in specs: '{%'"),
+    ("jinja-comment-in-hyperparameter", _hyper("objective: 'binary:logistic{# x #}'"), "acme",
+     "mini.yaml:6:52: spec.training.hyperparameters.objective: template syntax is not allowed in specs: '{#' starts a"),
+    ("control-char-description", _meta('description: "ok\\a\\e[2J"'), "acme",
+     'mini.yaml:6:3: metadata.description: control character U+0007 is not allowed in specs: spec text is shown in the'),
+    ("bidi-override-owner", _meta('owner: "team\\u202Eevil"'), "acme",
+     'mini.yaml:6:3: metadata.owner: control character U+202E is not allowed in specs: spec text is shown in the UI,'),
+    # reserved names and tags
+    ("reserved-name", MINIMAL.replace("name: mini", "name: deployments"), "acme",
+     "mini.yaml:3:12: metadata.name: pipeline name 'deployments' is reserved: <tenant>__deployments is the platform's"),
+    ("reserved-tag-tenant", _meta("tags: [churn, 'tenant:globex']"), "acme",
+     "mini.yaml:6:17: metadata.tags[1]: tag 'tenant:globex' is reserved for the platform: tags with ':' (tenant:,"),
+    ("reserved-tag-invalid-spec", _meta("tags: [invalid-spec]"), "acme",
+     "mini.yaml:6:10: metadata.tags[0]: tag 'invalid-spec' is reserved for the platform: tags with ':' (tenant:,"),
+    ("reserved-tag-mlplatform", _meta("tags: [mlplatform]"), "acme",
+     "mini.yaml:6:10: metadata.tags[0]: tag 'mlplatform' is reserved for the platform: tags with ':' (tenant:,"),
+    # secrets: key names
+    ("secret-key-pwd", _hyper("pwd: hunter2"), "acme",
+     "mini.yaml:6:52: spec.training.hyperparameters.pwd: 'pwd' looks like a secret written into the spec: store it in an"),
+    ("secret-key-db-pw", _hyper("db_pw: hunter2"), "acme",
+     "mini.yaml:6:52: spec.training.hyperparameters.db_pw: 'db_pw' looks like a secret written into the spec: store it"),
+    ("secret-key-auth", _hyper("auth: hunter2"), "acme",
+     "mini.yaml:6:52: spec.training.hyperparameters.auth: 'auth' looks like a secret written into the spec: store it in"),
+    ("secret-key-api-token", _hyper("api_token: abc123"), "acme",
+     "mini.yaml:6:52: spec.training.hyperparameters.api_token: 'api_token' looks like a secret written into the spec:"),
+    ("secret-key-client-secret", _hyper("clientSecret: abc123"), "acme",
+     "mini.yaml:6:52: spec.training.hyperparameters.clientSecret: 'clientSecret' looks like a secret written into the"),
+    # secrets: token formats
+    ("secret-github-token", _meta("description: 'ghp_" + "a1B2c3D4e5" * 3 + "a1B2c3'"), "acme",
+     'mini.yaml:6:3: metadata.description: value looks like a GitHub token: store it in an Airflow connection the'),
+    ("secret-gitlab-token", _meta("description: 'glpat-" + "x1Y2z3" * 4 + "'"), "acme",
+     'mini.yaml:6:3: metadata.description: value looks like a GitLab token: store it in an Airflow connection the'),
+    ("secret-google-api-key", _meta("description: 'AIzaSyA-" + "1234567890abcdef" * 2 + "abc'"), "acme",
+     'mini.yaml:6:3: metadata.description: value looks like a Google API key: store it in an Airflow connection the'),
+    ("secret-google-oauth", _meta("description: 'ya29.a0AfH6SMB" + "x1Y2" * 6 + "'"), "acme",
+     'mini.yaml:6:3: metadata.description: value looks like a Google OAuth access token: store it in an Airflow'),
+    ("secret-stripe-live", _meta("description: 'sk_live_" + "4eC39HqLyjWDarjtT1zdp7dc" + "'"), "acme",
+     'mini.yaml:6:3: metadata.description: value looks like a Stripe secret key: store it in an Airflow connection the'),
+    ("secret-stripe-restricted", _meta("description: 'rk_live_" + "4eC39HqLyjWDarjtT1zdp7dc" + "'"), "acme",
+     'mini.yaml:6:3: metadata.description: value looks like a Stripe secret key: store it in an Airflow connection the'),
+    ("secret-slack-token", _meta("description: 'xoxb-123456789012-1234567890123-" + "AbCdEfGh" * 3 + "'"), "acme",
+     'mini.yaml:6:3: metadata.description: value looks like a Slack token: store it in an Airflow connection the'),
+    ("secret-basic-auth", _meta("description: 'Authorization: Basic dXNlcjpodW50ZXIy'"), "acme",
+     'mini.yaml:6:3: metadata.description: value looks like HTTP basic credentials: store it in an Airflow connection'),
+    ("secret-bearer-token", _meta("description: 'Authorization: Bearer 8f14e45fceea167a5a36dedd4bea2543'"), "acme",
+     'mini.yaml:6:3: metadata.description: value looks like a bearer token: store it in an Airflow connection the'),
+    ("secret-npm-token", _meta("description: 'npm_" + "a1b2c3d4e5f6" * 3 + "'"), "acme",
+     'mini.yaml:6:3: metadata.description: value looks like an npm token: store it in an Airflow connection the platform'),
+    ("secret-pypi-token", _meta("description: 'pypi-AgEIcHlwaS5vcmc" + "CJDAwMDAwMDAw" * 4 + "'"), "acme",
+     'mini.yaml:6:3: metadata.description: value looks like a PyPI token: store it in an Airflow connection the platform'),
+    ("secret-huggingface-token", _meta("description: 'hf_" + "aBcD1234eF" * 4 + "'"), "acme",
+     'mini.yaml:6:3: metadata.description: value looks like a Hugging Face token: store it in an Airflow connection the'),
+    ("secret-azure-connection-string", _meta("description: 'DefaultEndpointsProtocol=https;AccountName=acme;"
+                                             "AccountKey=" + "abcdEFGH1234" * 4 + "==;EndpointSuffix=core.windows.net'"),
+     "acme",
+     'mini.yaml:6:3: metadata.description: value looks like an Azure storage key: store it in an Airflow connection the'),
+    ("secret-password-in-text", _meta("description: 'db host is x, password=Tr0ub4dor&3'"), "acme",
+     'mini.yaml:6:3: metadata.description: value looks like a credential written as key=value: store it in an Airflow'),
+    ("secret-private-key", _meta("description: '-----BEGIN RSA PRIVATE KEY----- MIIEow'"), "acme",
+     'mini.yaml:6:3: metadata.description: value looks like a private key: store it in an Airflow connection the'),
+]
+
+
 @pytest.mark.parametrize("case_id,text,tenant,expected", BAD, ids=[b[0] for b in BAD])
 def test_bad_spec_reports_exact_error(platform, case_id, text, tenant, expected):
     write_spec(platform.specs_dir, tenant, "mini", text)
@@ -143,3 +278,87 @@ def test_broken_spec_keeps_stable_dag_id(platform):
     write_spec(platform.specs_dir, "acme", "mini", "apiVersion: [\n")
     assert load_catalog(platform).broken[0].dag_id == "acme__mini"
 
+
+
+def test_symlinked_or_special_spec_files_are_refused_without_reading_them(platform, tmp_path):
+    """lstat, never following a link: the error names the link itself and never shows what it points at."""
+    secret = tmp_path / "platform-secret.yaml"
+    secret.write_text("apiVersion: SENTINEL-JWT-SECRET\n")
+    healthy = write_spec(platform.specs_dir, "globex", "healthy", MINIMAL.replace("tenant: acme", "tenant: globex")
+                         .replace("name: mini", "name: healthy").replace("acme/churn", "globex/accounts"))
+    acme = platform.specs_dir / "acme"
+    acme.mkdir()
+    (acme / "leak.yaml").symlink_to(secret)
+    (acme / "steal.yaml").symlink_to(healthy)  # another tenant's spec
+    (acme / "dangling.yaml").symlink_to(tmp_path / "nowhere.yaml")
+    (acme / "folder.yaml").symlink_to(tmp_path)
+    os.mkfifo(acme / "pipe.yaml")  # would block a plain open() forever
+    catalog = load_catalog(platform)
+    assert [s.dag_id for s in catalog.specs] == ["globex__healthy"]
+    messages = {b.display: [str(p) for p in b.problems] for b in catalog.broken}
+    for name in ("leak", "steal", "dangling", "folder"):
+        assert messages[f"specs/acme/{name}.yaml"] == [
+            f"specs/acme/{name}.yaml:1:1: spec file is a symbolic link: refused without reading it; commit the spec "
+            "file itself (a link could point at another tenant's spec or a platform secret)"]
+    assert messages["specs/acme/pipe.yaml"] == [
+        "specs/acme/pipe.yaml:1:1: not a regular file (a named pipe): refused; a spec is a plain YAML file"]
+    assert "SENTINEL" not in str(messages) and str(tmp_path) not in str(messages)
+
+
+def test_lint_of_a_symlink_named_on_the_command_line_does_not_follow_it(platform, tmp_path, capsys):
+    from mlplatform.cli import main
+
+    secret = tmp_path / "platform-secret.yaml"
+    secret.write_text("apiVersion: SENTINEL-JWT-SECRET\n")
+    (platform.specs_dir / "acme").mkdir()
+    link = platform.specs_dir / "acme" / "leak.yaml"
+    link.symlink_to(secret)
+    assert main(["lint", str(link)]) == 1
+    out = capsys.readouterr().out
+    assert "specs/acme/leak.yaml:1:1: spec file is a symbolic link" in out and "SENTINEL" not in out
+
+
+def test_structured_where_conditions_pass_lint(platform):
+    text = MINIMAL.replace("spec:\n", """spec:
+  validation:
+    expectations:
+      - type: expect_column_values_to_be_between
+        kwargs: {column: monthly_charges, min_value: 0, max_value: 500, mostly: 0.99}
+        where: {all: [{column: plan, op: "==", value: pro}, {column: tenure_months, op: ">", value: 3}]}
+      - type: expect_column_values_to_not_be_null
+        kwargs: {column: plan}
+        where: {any: [{column: plan, op: in, value: [plus, pro]}, {all: [{column: support_calls, op: not_null}]}]}
+      - type: expect_column_values_to_match_regex
+        kwargs: {column: plan, regex: '^[a-z]{3,5}$'}
+      - type: expect_column_quantile_values_to_be_between
+        kwargs: {column: tenure_months, quantile_ranges: {quantiles: [0.5], value_ranges: [[1, 72]]}}
+      - type: expect_column_values_to_be_between
+        kwargs: {column: event_timestamp, min_value: '2020-01-01', max_value: '2030-01-01T00:00:00'}
+""")
+    catalog = _one(platform, text)
+    assert catalog.problems == []
+    where = catalog.specs[0].spec.spec.validation.expectations[0].where
+    assert where.describe() == "plan == 'pro' and tenure_months > 3"
+
+
+def test_reserved_name_stand_in_does_not_take_the_control_dag_id(platform):
+    write_spec(platform.specs_dir, "acme", "deployments", MINIMAL.replace("name: mini", "name: deployments"))
+    catalog = load_catalog(platform)
+    [broken] = catalog.broken
+    assert broken.dag_id == "acme__deployments-reserved-name"
+    assert "pipeline name 'deployments' is reserved" in str(broken.problems[0])
+
+
+@pytest.mark.parametrize("text", ["{{ 7*7 }}", "a {% if x %}", "{#- note -#}", "ends with {", "bell\a", "rtl\u202e",
+                                  "zero\u2028width"])
+def test_free_text_with_template_syntax_or_control_characters_is_refused(text):
+    from mlplatform.spec.safetext import find_unsafe_text
+
+    assert find_unsafe_text({"a": [{"b": text}]})[0][0] == ("a", 0, "b")
+
+
+@pytest.mark.parametrize("text", ["Churn model v2 (weekly) - see {docs}", "regex ^\\d{3}$", "tabs\tand\nlines ok"])
+def test_plain_free_text_is_fine(text):
+    from mlplatform.spec.safetext import find_unsafe_text
+
+    assert find_unsafe_text({"a": text}) == []

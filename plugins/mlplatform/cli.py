@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,8 @@ def cmd_lint(args: argparse.Namespace) -> int:
     from mlplatform.spec.loader import load_catalog
 
     config = get_config()
-    only = [Path(f).resolve() for f in args.files] if args.files else None
+    # abspath, not resolve(): a spec that is a symlink must be refused as itself, never read through
+    only = [Path(os.path.abspath(f)) for f in args.files] if args.files else None
     catalog = load_catalog(config, only=only)
     problems = list(catalog.problems)
     if catalog.specs:  # a lint-clean spec always builds: the real factory and DagBag's checks (factory/check.py)

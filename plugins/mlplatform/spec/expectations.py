@@ -295,9 +295,10 @@ def _check(value: Any, schema: dict, path: tuple[Any, ...] = ()) -> list[tuple[t
     types = schema.get("type", [])
     matching = [t for t in types if _JSON_TYPES[t](value)]
     if not matching:
-        want = " or ".join({"integer": "an integer", "number": "a number", "string": "a string",
-                            "boolean": "true/false", "null": "null", "array": "a list",
-                            "object": "a mapping"}[t] for t in types)
+        words = {"integer": "an integer", "number": "a number", "boolean": "true/false", "null": "null",
+                 "array": "a list", "object": "a mapping",
+                 "string": "an ISO date" if schema.get("format") == "date" else "a string"}
+        want = ", ".join(words[t] for t in types[:-1]) + (" or " if len(types) > 1 else "") + words[types[-1]]
         return [(path, f"expected {want}, got {_kind(value)}")]
     if isinstance(value, float) and not math.isfinite(value):
         return [(path, f"{value} is not a finite number")]
