@@ -214,7 +214,8 @@ def needed_paths(ctx: Any = None, extra: list[Any] = ()) -> list[Path]:
 
 def plan_hidden(hidden: list[Path], needed: list[Path], limit: int = 400) -> list[Path]:
     """The mount points that cover ``hidden`` but none of ``needed``: a hidden folder holding a needed path
-    is covered child by child around it."""
+    is covered child by child around it; a hidden path inside a needed folder is covered."""
+    needed = set(needed)
     out: list[Path] = []
     seen: set[Path] = set()
 
@@ -230,7 +231,7 @@ def plan_hidden(hidden: list[Path], needed: list[Path], limit: int = 400) -> lis
         if path in seen or path == Path("/"):
             return
         seen.add(path)
-        if any(inside(path, n) for n in needed):  # the path itself is needed, or lies inside a needed one
+        if path in needed:  # a hidden path inside a needed folder is still covered (e.g. <home>/gateway)
             return
         if not any(inside(n, path) for n in needed):
             out.append(path)
@@ -481,9 +482,23 @@ def _child_main() -> int:
 
 
 # ------------------------------------------------------------------------------------------------ probe
-def probe(paths: list[str] = ()) -> dict[str, Any]:
+def probe(*_: Any, paths: list[str] = (), escape: bool = False) -> dict[str, Any]:
     """What this process can see: its environment, every visible process's environ and command line, and the
-    content of ``paths`` (for ``python -m mlplatform.sandbox check`` and the least-privilege test)."""
+    content of ``paths`` (for ``python -m mlplatform.sandbox check`` and the least-privilege test). Positional
+    arguments (a stage's context and inputs) are ignored. ``escape``: also try to unmount what covers each
+    path and ``/proc`` (a stage that could would see the platform's files and processes again)."""
+    unmounted: dict[str, str] = {}
+    if escape and os.getpid() != 1:
+        # Only inside the sandbox's own PID + mount namespaces (we are its PID 1): elsewhere an unmount that
+        # works would detach the host's /proc.
+        unmounted = {str(t): "skipped: not in the sandbox's namespaces" for t in [*paths, "/proc"]}
+    elif escape:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        for target in [*paths, "/proc"]:
+            rc = libc.umount2(str(target).encode(), 2)  # MNT_DETACH
+            unmounted[str(target)] = "unmounted" if rc == 0 else os.strerror(ctypes.get_errno())
     procs: dict[str, Any] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -507,7 +522,14 @@ def probe(paths: list[str] = ()) -> dict[str, Any]:
                 files[str(f)] = f"<unreadable: {type(exc).__name__}>"
         if not p.exists():
             files[str(p)] = "<missing>"
-    return {"pid": os.getpid(), "ppid": os.getppid(), "environ": dict(os.environ), "procs": procs, "files": files}
+    fds = {}
+    for fd in sorted(os.listdir("/proc/self/fd"), key=int):
+        try:
+            fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return {"pid": os.getpid(), "ppid": os.getppid(), "environ": dict(os.environ), "procs": procs, "files": files,
+            "unmount": unmounted, "fds": fds}
 
 
 def _check(argv: list[str]) -> int:
@@ -515,12 +537,13 @@ def _check(argv: list[str]) -> int:
     saw (platform admins: check a worker's isolation)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     tenant = argv[0] if argv else None
-    report = run("mlplatform.sandbox:probe", list(argv[1:]), tenant=tenant)
+    report = run("mlplatform.sandbox:probe", tenant=tenant, paths=list(argv[1:]), escape=True)
     visible = sorted(report["procs"], key=int)
     print(json.dumps({"mode": mode(), "namespaces": namespaces_available()[0], "pid": report["pid"],
                       "visible_pids": visible, "environment": sorted(report["environ"]),
                       "files": {k: (v if v.startswith("<") else f"<readable: {len(v)} chars>")
-                                for k, v in report["files"].items()}}, indent=1))
+                                for k, v in report["files"].items()},
+                      "unmount_attempts": report["unmount"]}, indent=1))
     return 0
 
 

@@ -14,6 +14,7 @@ from collections import deque
 from pathlib import Path
 
 from mlplatform.config import REPO_ROOT
+from mlplatform.sandbox import child_environ
 from mlplatform.stages.context import RunContext, StageFailed
 
 TRAINER = REPO_ROOT / "include" / "trainer" / "train.py"
@@ -92,7 +93,8 @@ def run_local_trainer(ctx: RunContext, features: dict) -> dict:
     scratch.mkdir(parents=True, exist_ok=True)
     result_path = workdir / "result.json"
     result_path.unlink(missing_ok=True)
-    env = {**os.environ, **train_env(ctx, features, result_path, scratch)}
+    # Never the task's own environment: the platform's secrets stay out of the trainer (mlplatform.sandbox).
+    env = {**child_environ(ctx.tenant.name), **train_env(ctx, features, result_path, scratch)}
     code, tail = _stream([sys.executable, str(TRAINER)], env, cwd=workdir)
     if code != 0:
         raise StageFailed(f"trainer exited with code {code}; last lines:\n" + "\n".join(tail))
