@@ -244,6 +244,23 @@ BAD += [  # issue 11: tenants are hostile (each case also runs on a real dag-pro
      'mini.yaml:6:3: metadata.description: value looks like a credential written as key=value: store it in an Airflow'),
     ("secret-private-key", _meta("description: '-----BEGIN RSA PRIVATE KEY----- MIIEow'"), "acme",
      'mini.yaml:6:3: metadata.description: value looks like a private key: store it in an Airflow connection the'),
+    ("secret-key-list-in-kwargs", _expect("{type: expect_column_values_to_not_be_null, kwargs: {column: plan, "
+                                          "passwords: [hunter2, letmein]}}"), "acme",
+     "mini.yaml:7:76: spec.validation.expectations[0].kwargs.passwords: 'passwords' looks like a secret written into"),
+    ("secret-token-in-url-query", _meta("description: 'dashboard https://grafana.example.com/d/x?access_token=abc123def456'"),
+     "acme", "mini.yaml:6:3: metadata.description: value looks like a credential written as key=value"),
+    ("secret-token-as-key", _expect("{type: expect_column_values_to_not_be_null, kwargs: {column: plan, ghp_"
+                                    + "a1B2c3D4e5" * 3 + "a1B2c3: 1}}"), "acme",
+     "spec.validation.expectations[0].kwargs.ghp_a1B2c3D4e5a1B2c3D4e5a1B2c3D4e5a1B2c3: key looks like a GitHub token"),
+    ("where-string-condition", _expect("{type: expect_column_values_to_not_be_null, kwargs: {column: plan}, "
+                                       "where: \"plan == 'pro'\"}"), "acme",
+     "mini.yaml:7:77: spec.validation.expectations[0].where: where is a mapping such as {column: plan, op: '==', "
+     "value: pro}, never a string"),
+    ("where-nested-any-in-all", _expect("{type: expect_column_values_to_not_be_null, kwargs: {column: plan}, "
+                                        "where: {all: [{any: [{column: plan, op: '==', value: pro}]}]}}"), "acme",
+     "mini.yaml:7:92: spec.validation.expectations[0].where.all[0].any: unknown field 'any' (allowed: column, op, value)"),
+    ("gx-nan-bound", _expect("{type: expect_column_values_to_be_between, kwargs: {column: tenure_months, max_value: .nan}}"),
+     "acme", "mini.yaml:7:84: spec.validation.expectations[0].kwargs.max_value: nan is not a finite number"),
 ]
 
 
@@ -303,6 +320,18 @@ def test_symlinked_or_special_spec_files_are_refused_without_reading_them(platfo
     assert messages["specs/acme/pipe.yaml"] == [
         "specs/acme/pipe.yaml:1:1: not a regular file (a named pipe): refused; a spec is a plain YAML file"]
     assert "SENTINEL" not in str(messages) and str(tmp_path) not in str(messages)
+
+
+def test_a_tenant_folder_that_is_a_symlink_is_refused(platform, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "stolen.yaml").write_text("apiVersion: SENTINEL-JWT-SECRET\n")
+    (platform.specs_dir / "acme").symlink_to(outside)
+    catalog = load_catalog(platform)
+    [broken] = catalog.broken
+    assert [str(p) for p in broken.problems] == [
+        "specs/acme/stolen.yaml:1:1: the spec's folder is a symbolic link: refused without reading it; a tenant's "
+        "specs live in a real folder dags/specs/<tenant>/"]
 
 
 def test_lint_of_a_symlink_named_on_the_command_line_does_not_follow_it(platform, tmp_path, capsys):

@@ -146,6 +146,14 @@ class Where(_Strict):
     any: list[AllOf] | None = Field(None, min_length=1, max_length=MAX_CONDITIONS,
                                     description="Rows where at least one comparison (or all-group) holds.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _not_text(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            raise ValueError("where is a mapping such as {column: plan, op: '==', value: pro}, never a string: "
+                             "condition strings are evaluated as code on the worker")
+        return data
+
     @model_validator(mode="after")
     def _one_form(self):
         forms = [self.all is not None, self.any is not None,

@@ -22,13 +22,14 @@ import re
 from typing import Any
 
 # Last word(s) of a key, after splitting camelCase, '-', '_', '.' and spaces into lower-case words.
-_SECRET_WORDS = {"password", "passwd", "pwd", "pw", "pass", "passphrase", "secret", "secrets", "token", "tokens",
-                 "auth", "authorization", "bearer", "credential", "credentials", "creds", "jwt", "cookie", "dsn",
-                 "apikey", "privatekey", "accesskey", "secretkey"}
+_SECRET_WORDS = {"password", "passwords", "passwd", "passwds", "pwd", "pwds", "pw", "pass", "passphrase", "secret",
+                 "secrets", "token", "tokens", "auth", "authorization", "bearer", "credential", "credentials",
+                 "creds", "jwt", "cookie", "cookies", "dsn", "apikey", "apikeys", "privatekey", "accesskey",
+                 "secretkey", "pat"}
 _SECRET_PAIRS = {("api", "key"), ("access", "key"), ("secret", "key"), ("private", "key"), ("account", "key"),
                  ("signing", "key"), ("encryption", "key"), ("session", "key"), ("master", "key"), ("ssh", "key"),
                  ("client", "key"), ("client", "secret"), ("connection", "string"), ("conn", "str"),
-                 ("shared", "key"), ("sas", "key")}
+                 ("shared", "key"), ("sas", "key"), ("api", "keys"), ("access", "keys")}
 _SECRET_TRIPLES = {("access", "key", "id"), ("secret", "access", "key"), ("service", "account", "key")}
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _WORD_SPLIT = re.compile(r"[^A-Za-z0-9]+")
@@ -72,10 +73,10 @@ _SECRET_VALUES = [
     (r"\beyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.", "a JSON web token"),
     (r"(?i)\b(AccountKey|SharedAccessKey|SharedAccessSignature)\s*=\s*[A-Za-z0-9+/%=]{16,}", "an Azure storage key"),
     (r"(?i)[?&]sig=[A-Za-z0-9%+/=]{20,}", "an Azure SAS signature"),
-    (r"[a-z][a-z0-9+.-]*://[^/\s:@]*:[^/\s@]+@", "a URL with a password in it"),
+    (r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:[^/\s@]+@", "a URL with a password in it"),
     (rf"(?i)\bbearer\s+(?=[A-Za-z0-9._~+/-]*\d)(?=[A-Za-z0-9._~+/-]*[A-Za-z])[A-Za-z0-9._~+/-]{{16,}}=*", "a bearer token"),
-    (r"(?i)\b(password|passwd|pwd|pass|passphrase|secret|token|api[_-]?key|apikey|access[_-]?key|secret[_-]?key"
-     r"|client[_-]?secret|auth[_-]?token|private[_-]?key)\s*[=:]\s*(?![<${*]|x{3,}\b|(true|false|none|null|yes|no)\b)[^\s&;,'\"]{4,}",
+    (r"(?i)(?<![A-Za-z0-9_.-])(?:[A-Za-z0-9]+[_.-])*(password|passwd|pwd|pass|passphrase|secret|token|apikey"
+     r"|api[_-]?key|access[_-]?key|secret[_-]?key|private[_-]?key|account[_-]?key|client[_-]?secret)\s*[=:]\s*(?![<${*]|x{3,}\b|(true|false|none|null|yes|no)\b)[^\s&;,'\"]{4,}",
      "a credential written as key=value"),
 ]
 _SECRET_VALUES = [(f"(?i:{p[4:]})" if p.startswith("(?i)") else p, what) for p, what in _SECRET_VALUES]  # scoped flags
@@ -109,14 +110,23 @@ def value_secret(text: str) -> str | None:
     return None
 
 
+def _holds_value(value: Any) -> bool:
+    """A non-empty scalar, or a list holding one (``passwords: [a, b]``); mappings are searched instead."""
+    if isinstance(value, list):
+        return any(_holds_value(v) for v in value)
+    return isinstance(value, str | int | float) and not isinstance(value, bool) and value != ""
+
+
 def find_secrets(data: Any, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], str]]:
     """(path, message) for every value that looks like a credential."""
     found: list[tuple[tuple[Any, ...], str]] = []
     if isinstance(data, dict):
         for key, value in data.items():
             sub = path + (key,)
-            if secret_key(str(key)) and isinstance(value, str | int | float) and not isinstance(value, bool) \
-                    and value != "":
+            what = value_secret(str(key))
+            if what:  # a credential used as a key
+                found.append((sub, f"key looks like {what}: {HINT}"))
+            elif secret_key(str(key)) and _holds_value(value):
                 found.append((sub, f"{key!r} looks like a secret written into the spec: {HINT}"))
             else:
                 found.extend(find_secrets(value, sub))

@@ -108,8 +108,9 @@ def load_file(path: Path, display: str | None = None, *, allow_symlinks: bool = 
 def read_regular_file(path: Path, name: str, *, allow_symlinks: bool = True) -> bytes:
     """The bytes of the regular file ``path`` (at most MAX_BYTES), else a SpecError naming ``name``.
 
-    ``lstat`` first: a symbolic link (unless allowed), FIFO, socket, device or directory is refused without
-    opening it, and the error names the entry itself, never what a link points to; the file is then opened
+    ``lstat`` first: a symbolic link (unless allowed; then its folder may not be one either), FIFO, socket,
+    device or directory is refused without opening it, and the error names the entry itself, never what a
+    link points to; the file is then opened
     with ``O_NOFOLLOW`` and checked again with ``fstat``, so swapping in a link between the two fails too."""
     def refuse(message: str) -> SpecError:
         return SpecError([Problem(name, 1, 1, "", message)])
@@ -123,6 +124,9 @@ def read_regular_file(path: Path, name: str, *, allow_symlinks: bool = True) -> 
     if stat.S_ISLNK(st.st_mode):
         if not allow_symlinks:
             raise refuse(link_msg)
+    elif not allow_symlinks and os.path.islink(os.path.dirname(os.path.abspath(path))):
+        raise refuse("the spec's folder is a symbolic link: refused without reading it; a tenant's specs live in "
+                     "a real folder dags/specs/<tenant>/")
     elif not stat.S_ISREG(st.st_mode):
         raise refuse(f"not a regular file ({_kind(st.st_mode)}): refused; a spec is a plain YAML file")
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if allow_symlinks else os.O_NOFOLLOW)
