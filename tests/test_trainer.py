@@ -110,10 +110,12 @@ def client_for(env: dict[str, str]):
 )
 def test_trains_logs_and_writes_result(contract, read_only, fake_gpu, framework, model, hyperparameters):
     """Like in the pod, cwd and HOME are read-only: only the scratch dir and the result path are writable.
-    nvidia-smi lists a GPU: xgboost trains on cuda if its build has CUDA, else on cpu with a notice."""
+    resources.gpu is 1 and nvidia-smi lists a GPU: xgboost trains on cuda if its build has CUDA, else on cpu
+    with a notice."""
     import mlflow
 
-    env = contract | {"MLPLATFORM_FRAMEWORK": framework, "MLPLATFORM_MODEL": model,
+    env = contract | {"MLPLATFORM_FRAMEWORK": framework, "MLPLATFORM_MODEL": model, "MLPLATFORM_GPUS": "1",
+                      "MLPLATFORM_CPU_THREADS": "1",
                       "MLPLATFORM_HYPERPARAMETERS": json.dumps(hyperparameters), "HOME": str(read_only),
                       "PATH": f"{fake_gpu}{os.pathsep}{os.environ['PATH']}"}
     env.pop("TMPDIR", None)
@@ -180,3 +182,25 @@ def test_bad_configuration_is_one_readable_line(contract, tmp_path, overrides, m
     proc = run_trainer(contract | overrides, tmp_path)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_gpu_only_when_resources_ask_for_one(contract, tmp_path, fake_gpu):
+    """A visible GPU is not used unless spec.training.resources.gpu > 0 (MLPLATFORM_GPUS): it would be outside
+    the tenant's GPU pool and chargeback."""
+    env = contract | {"MLPLATFORM_GPUS": "0", "MLPLATFORM_CPU_THREADS": "1",
+                      "PATH": f"{fake_gpu}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = run_trainer(env, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "GPU" not in proc.stdout
+    run = client_for(env).get_run(json.loads(Path(env["MLPLATFORM_RESULT_PATH"]).read_text())["run_id"])
+    assert run.data.params["device"] == "cpu"
+
+
+@pytest.mark.parametrize("hyperparameters", [{"n_jobs": -1}, {"device": "cuda"}, {"nthread": 64}])
+def test_platform_keys_are_refused(contract, tmp_path, hyperparameters):
+    """device and thread counts come from resources, never from the spec (lint refuses them too)."""
+    proc = run_trainer(contract | {"MLPLATFORM_HYPERPARAMETERS": json.dumps(hyperparameters)}, tmp_path)
+    assert proc.returncode == 2
+    assert f"hyperparameter {next(iter(hyperparameters))!r} is set by the platform" in proc.stderr
+    assert "Traceback" not in proc.stderr

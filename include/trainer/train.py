@@ -12,12 +12,16 @@ so a preempted or evicted pod loses at most one checkpoint interval. MLPLATFORM_
 (tests only) SIGKILLs the process right after the first checkpoint at or after round K.
 
 PyTorch (MLPLATFORM_FRAMEWORK=pytorch, torch an optional dependency): a tabular MLP binary classifier on
-standardised features (mean and scale from the training split only), on CUDA when torch sees a GPU, else
-on the CPU. It checkpoints the same way, counted in epochs: every MLPLATFORM_CHECKPOINT_EVERY epochs the
+standardised features (mean and scale from the training split only), on CUDA when MLPLATFORM_GPUS > 0 and
+torch sees a GPU, else on the CPU. It checkpoints the same way, counted in epochs: every MLPLATFORM_CHECKPOINT_EVERY epochs the
 network, optimizer and random-number states go to MLPLATFORM_CHECKPOINT_DIR, a rerun resumes from the
 latest one, and MLPLATFORM_TEST_STOP_AFTER_ROUNDS=K counts epochs. The model is logged as an MLflow pyfunc
 (models-from-code, weights loaded with ``weights_only``, no pickle) whose ``predict`` returns P(label=1)
 as a 1-D float array.
+
+Resources (from spec.training.resources, both backends): MLPLATFORM_CPU_THREADS sets n_jobs (xgboost, random
+forest) and torch's threads; a GPU is used only when MLPLATFORM_GPUS > 0. device, n_jobs, nthread and the other
+PLATFORM_KEYS are refused as hyperparameters. A MemoryError exits 3 with one line.
 """
 
 from __future__ import annotations
@@ -47,6 +51,11 @@ FRAMEWORKS = ("xgboost", "sklearn", "pytorch")
 # PyTorch MLP hyperparameters and their defaults (the only names accepted for framework pytorch).
 TORCH_DEFAULTS = {"hidden_units": 64, "layers": 2, "epochs": 20, "lr": 1e-3, "batch_size": 128,
                   "weight_decay": 0.0, "dropout": 0.0, "seed": 0}
+# Hyperparameters only the platform sets, from the pod's or process's resources (MLPLATFORM_CPU_THREADS,
+# MLPLATFORM_GPUS): never from the spec or the trigger form (also refused at parse time, spec/bounds.py).
+PLATFORM_KEYS = {"device", "gpu_id", "n_jobs", "nthread", "num_threads", "thread_count", "predictor", "callbacks",
+                 "verbose", "verbosity", "warm_start"}
+OOM_EXIT_CODE = 3  # a MemoryError: the run went above spec.training.resources.memory
 # Types skops does not trust by default but that our tree estimators contain.
 SKOPS_TRUSTED_TYPES = ["sklearn.tree._tree.Tree"]
 
@@ -106,6 +115,9 @@ def read_config() -> dict:
         "checkpoint_dir": env("MLPLATFORM_CHECKPOINT_DIR", ""),
         "checkpoint_every": positive_int("MLPLATFORM_CHECKPOINT_EVERY", DEFAULT_CHECKPOINT_EVERY),
         "test_stop_after_rounds": positive_int("MLPLATFORM_TEST_STOP_AFTER_ROUNDS", 0),
+        # From spec.training.resources: threads = cpu request (0: unset, the libraries' default), GPU only when > 0.
+        "cpu_threads": positive_int("MLPLATFORM_CPU_THREADS", 0),
+        "gpus": positive_int("MLPLATFORM_GPUS", 0),
     }
     if cfg["framework"] not in FRAMEWORKS:
         raise ConfigError(f"MLPLATFORM_FRAMEWORK={cfg['framework']!r}: expected xgboost, sklearn or pytorch")
@@ -170,14 +182,22 @@ def check_names(estimator, hyperparameters: dict, what: str) -> None:
 def build_estimator(cfg: dict):
     """(estimator, training device) from framework, model and hyperparameters."""
     hp = cfg["hyperparameters"]
+    reserved = sorted(set(hp) & PLATFORM_KEYS)
+    if reserved:
+        raise ConfigError(f"hyperparameter {reserved[0]!r} is set by the platform from spec.training.resources "
+                          "(threads from cpu, the device from gpu), not by the spec")
+    threads = cfg["cpu_threads"]
     if cfg["framework"] == "xgboost":
         import xgboost
 
-        cuda = gpu_visible()
+        cuda = cfg["gpus"] > 0 and gpu_visible()
+        if cfg["gpus"] > 0 and not cuda:
+            print("resources.gpu > 0 but no GPU is visible: training on cpu", flush=True)
         if cuda and not xgboost.build_info().get("USE_CUDA", False):
             print("a GPU is visible but this xgboost build has no CUDA: training on cpu", flush=True)
             cuda = False
-        estimator = xgboost.XGBClassifier(device="cuda" if cuda else "cpu", eval_metric="logloss", random_state=0)
+        estimator = xgboost.XGBClassifier(device="cuda" if cuda else "cpu", eval_metric="logloss", random_state=0,
+                                          n_jobs=threads or None)
         check_names(estimator, hp, "xgboost")
     elif cfg["framework"] == "pytorch":
         params = torch_hyperparameters(hp)  # names and values first: a bad spec fails without importing torch
@@ -187,8 +207,10 @@ def build_estimator(cfg: dict):
         except ImportError:
             raise ConfigError("framework pytorch needs torch, which is not installed in this environment "
                               "(the trainer image has it; locally `make setup` installs it when available)") from None
-        estimator = TorchTabularClassifier(params, "cuda" if torch.cuda.is_available() else "cpu")
-        if not os.environ.get("OMP_NUM_THREADS"):
+        estimator = TorchTabularClassifier(params, "cuda" if cfg["gpus"] > 0 and torch.cuda.is_available() else "cpu")
+        if threads:
+            torch.set_num_threads(threads)  # the CPU request, not every core of the node
+        elif not os.environ.get("OMP_NUM_THREADS"):
             # Small batches gain nothing from intra-op threads, and torch's default (every core of the node,
             # not the pod's CPU limit) oversubscribes: 20x slower measured on a loaded 2-core machine.
             torch.set_num_threads(1)
@@ -198,6 +220,8 @@ def build_estimator(cfg: dict):
     else:
         module, cls, defaults = SKLEARN_MODELS[cfg["model"]]
         estimator = getattr(importlib.import_module(module), cls)(**defaults)
+        if threads and "n_jobs" in estimator.get_params() and cfg["model"] == "random_forest":
+            estimator.set_params(n_jobs=threads)  # LogisticRegression's n_jobs does nothing since 1.8
         check_names(estimator, hp, f"sklearn {cfg['model']}")
     estimator.set_params(**hp)
     return estimator, estimator.get_params().get("device", "cpu")
@@ -726,6 +750,11 @@ def main() -> int:
     except ConfigError as exc:
         print(f"trainer: configuration error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except MemoryError:
+        limit = os.environ.get("MLPLATFORM_MEMORY_LIMIT_BYTES", "")
+        print(f"trainer: out of memory (limit {limit or 'unset'} bytes: spec.training.resources.memory)",
+              file=sys.stderr, flush=True)
+        return OOM_EXIT_CODE
     cfg["result_path"].parent.mkdir(parents=True, exist_ok=True)
     cfg["result_path"].write_text(json.dumps(result))
     print(f"result written to {cfg['result_path']}", flush=True)

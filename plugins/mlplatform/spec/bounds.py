@@ -437,7 +437,7 @@ def check_bounds(spec: PipelineSpec, located: Located, tenant: TenantFile) -> li
     limits = TenantLimits.of(tenant, bounds)
     if duration_seconds(training.timeout) > duration_seconds(limits.max_training_timeout):
         out.append(located.problem(("spec", "training", "timeout"),
-                                   f"timeout {training.timeout} is above tenant {tenant.name!r}'s limit of "
+                                   f"timeout {training.timeout} is above the limit of tenant {tenant.name!r}: "
                                    f"{limits.max_training_timeout} (max_training_timeout in the tenant file)"))
     for path, value in ((("spec", "schedule"), body.schedule), (("spec", "monitoring", "schedule"), body.monitoring.schedule)):
         if check_schedule(value) is None:  # a syntax error is the loader's to report
@@ -473,7 +473,7 @@ def _deployment_problems(spec: PipelineSpec, located: Located, tenant: TenantFil
         value = getattr(d, name)
         if value > limits.max_serving_replicas:
             out.append(located.problem(base + (name,),
-                                       f"{name} {value} is above tenant {tenant.name!r}'s limit of "
+                                       f"{name} {value} is above the limit of tenant {tenant.name!r}: "
                                        f"{limits.max_serving_replicas} serving replicas (max_serving_replicas in "
                                        "the tenant file)"))
     return out

@@ -57,10 +57,15 @@ class RunContext:
         return f"{self.spec.metadata.tenant}/{self.spec.metadata.name}"
 
     def hyperparameters(self) -> dict[str, Any]:
-        """Spec hyperparameters with the trigger form's overrides (already bounded by the Param schema)."""
-        hp = dict(self.spec.spec.training.hyperparameters)
-        for name in self.spec.spec.training.tunable:
-            value = self.params.get(f"hp_{name}")
-            if value is not None:
-                hp[name] = value
-        return hp
+        """Spec hyperparameters with the trigger form's overrides, checked again here (spec/bounds.py): every
+        value typed, finite, inside its tunable bounds and the platform's range. The Param schema of the
+        trigger form is not enough: it lets NaN through, and a conf can reach a run without the form."""
+        from mlplatform.spec.bounds import HyperparameterError, run_hyperparameters
+        from mlplatform.spec.errors import SpecError
+
+        try:
+            return run_hyperparameters(self.spec, self.params)
+        except HyperparameterError as exc:
+            raise StageFailed(f"{self.dag_id}: {exc}") from None
+        except SpecError as exc:
+            raise StageFailed(f"platform bounds unavailable: {exc}") from None

@@ -16,6 +16,7 @@ from pathlib import Path
 from mlplatform.config import REPO_ROOT
 from mlplatform.sandbox import child_environ
 from mlplatform.stages.context import RunContext, StageFailed
+from mlplatform.stages.limits import TrainerLimits
 
 TRAINER = REPO_ROOT / "include" / "trainer" / "train.py"
 TAIL_LINES = 30
@@ -57,6 +58,7 @@ def train_env(ctx: RunContext, features: dict, result_path: Path, scratch: Path)
     }
     env["MLPLATFORM_CHECKPOINT_DIR"] = checkpoint_location(ctx)
     env.update(object_store_env())
+    env.update(TrainerLimits.of(training.resources).env())  # threads = cpu request, GPU only when gpu > 0
     if ctx.config.tracking_uri.startswith(("sqlite:", "file:")):
         # A database-only tracking store would put new experiments' artifacts under the trainer's cwd.
         env["MLPLATFORM_ARTIFACT_LOCATION"] = str(ctx.config.home / "mlartifacts")
@@ -95,24 +97,31 @@ def run_local_trainer(ctx: RunContext, features: dict) -> dict:
     result_path.unlink(missing_ok=True)
     # Never the task's own environment: the platform's secrets stay out of the trainer (mlplatform.sandbox).
     env = {**child_environ(ctx.tenant.name), **train_env(ctx, features, result_path, scratch)}
-    code, tail = _stream([sys.executable, str(TRAINER)], env, cwd=workdir)
+    limits = TrainerLimits.of(ctx.spec.spec.training.resources)  # memory and CPU of the process (stages/limits.py)
+    code, tail = _stream(limits.command([sys.executable, str(TRAINER)]), env, cwd=workdir, watch=limits.watch)
     if code != 0:
+        reason = limits.explain(code, tail)
+        if reason:
+            raise StageFailed(reason + "; last lines:\n" + "\n".join(tail))
         raise StageFailed(f"trainer exited with code {code}; last lines:\n" + "\n".join(tail))
     if not result_path.is_file():
         raise StageFailed(f"trainer exited 0 but wrote no result to {result_path}")
     return json.loads(result_path.read_text())
 
 
-def _stream(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[int, list[str]]:
+def _stream(cmd: list[str], env: dict[str, str], cwd: Path, watch=None) -> tuple[int, list[str]]:
     """Run ``cmd``, logging each output line; (exit code, last lines). Kills it if we are interrupted."""
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     with subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1) as proc:
+        halt = watch(proc) if watch else None  # e.g. the memory watchdog of TrainerLimits
         try:
             for line in proc.stdout or ():
                 tail.append(line.rstrip())
                 log.info("%s", tail[-1])
             return proc.wait(), list(tail)
         finally:
+            if halt:
+                halt()
             if proc.poll() is None:
                 proc.kill()
