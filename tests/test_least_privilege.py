@@ -335,3 +335,26 @@ def test_child_start_overhead(tmp_path, monkeypatch):
     print("\n[least-privilege] median child round trip per stage: "
           + ", ".join(f"{m} {t * 1000:.0f} ms" for m, t in timings.items()))
     assert all(t < 3.0 for t in timings.values()), timings
+
+
+def test_tenant_stages_go_to_the_tenant_queue(platform, monkeypatch):
+    """MLPLATFORM_TENANT_QUEUE routes tenant-influenced tasks to the tenant's own workers; platform work (register,
+    canary, control DAG) stays on the default queue, whose worker holds the platform's connections."""
+    from conftest import write_spec
+
+    from mlplatform.factory.build import build_all
+    from mlplatform.spec.loader import load_catalog
+
+    write_spec(platform.specs_dir, "acme", "churn", "apiVersion: mlplatform.io/v1\nkind: Pipeline\n"
+               "metadata: {name: churn, tenant: acme}\nspec:\n  data: {source: acme/churn, entity: customer_id, "
+               "timestamp: event_timestamp, label: churned}\n")
+    monkeypatch.setenv("MLPLATFORM_TENANT_QUEUE", "tenant-{tenant}")
+    dags = build_all(load_catalog(platform), platform)
+    queues = {t.task_id: t.queue for t in dags["acme__churn"].tasks}
+    assert queues == {"validate": "tenant-acme", "features": "tenant-acme", "train": "tenant-acme",
+                      "evaluate": "tenant-acme", "register": "default", "canary_deploy": "default",
+                      "drift_monitor": "tenant-acme"}
+    assert dags["acme__churn__monitor"].task_dict["drift_check"].queue == "tenant-acme"
+    assert {t.queue for t in dags["acme__deployments"].tasks} == {"default"}
+    monkeypatch.delenv("MLPLATFORM_TENANT_QUEUE")
+    assert {t.queue for t in build_all(load_catalog(platform), platform)["acme__churn"].tasks} == {"default"}

@@ -13,6 +13,7 @@ from mlplatform.factory.control import build_control_dags
 from mlplatform.factory.docs import broken_doc_md, spec_doc_md
 from mlplatform.factory.monitor import build_monitor_dag, monitor_dag_id
 from mlplatform.factory.params import trigger_params
+from mlplatform.factory.queues import queue_kwargs
 from mlplatform.notify import stage_alert_callback
 from mlplatform.operators.canary import DeferrableCanaryDeployOperator
 from mlplatform.operators.stages import STAGE_OPERATORS, SpecErrorOperator
@@ -104,6 +105,7 @@ def build_dag(loaded: LoadedSpec, catalog: Catalog, config: PlatformConfig) -> D
                 kwargs.update(pool=tenant.gpu_pool, pool_slots=gpu)
         if node.name == "register":
             extra["promote"] = not template.has("canary_deploy")
+        kwargs.update(queue_kwargs(node.name, md.tenant, config.train_backend))  # per-tenant workers, if configured
         if node.name in ("evaluate", "canary_deploy"):
             alert = stage_alert_callback(tenant, md.name, node.name)  # rejected-retrain / rollback alerts
             if alert is not None:
@@ -160,19 +162,25 @@ def build_all(catalog: Catalog, config: PlatformConfig,
 
 
 def build_spec_dags(loaded: LoadedSpec, catalog: Catalog, config: PlatformConfig) -> dict[str, DAG]:
-    """A valid spec's pipeline and monitor DAGs; a factory error gives a stand-in instead of raising."""
+    """A valid spec's pipeline and monitor DAGs; a factory error gives a stand-in instead of raising.
+
+    Each DAG also gets DagBag's own checks here (``factory.check.validate_dag``, what `mlplatform lint` runs):
+    a DAG the dag-processor would refuse becomes a stand-in with the spec's line, not an import error."""
+    from mlplatform.factory.check import build_problem, validate_dag
+
     try:
-        dags = {loaded.dag_id: build_dag(loaded, catalog, config)}
+        dag = build_dag(loaded, catalog, config)
+        validate_dag(dag)
+        dags = {loaded.dag_id: dag}
     except Exception as exc:  # a factory bug must not take every other tenant's DAGs down with it
         log.exception("building %s failed", loaded.dag_id)
-        from mlplatform.spec.errors import Problem
-
-        problem = Problem(loaded.display, 1, 1, "", f"internal error building the DAG: {exc!r}")
         broken = BrokenSpec(loaded.path, loaded.display, loaded.spec.metadata.tenant,
-                            loaded.spec.metadata.name, [problem])
+                            loaded.spec.metadata.name, [build_problem(loaded, exc)])
         return {broken.dag_id: build_broken_dag(broken)}
     try:
-        dags[monitor_dag_id(loaded)] = build_monitor_dag(loaded, catalog, config)
+        monitor = build_monitor_dag(loaded, catalog, config)
+        validate_dag(monitor)
+        dags[monitor_dag_id(loaded)] = monitor
     except Exception:  # the pipeline DAG stays; only its monitor is missing until fixed
         log.exception("building the monitor DAG of %s failed", loaded.dag_id)
     return dags

@@ -11,6 +11,7 @@ from datetime import timedelta
 from airflow.sdk import DAG, Param
 
 from mlplatform.config import PlatformConfig
+from mlplatform.factory.queues import queue_kwargs
 from mlplatform.operators.monitor import DriftCheckOperator, monitor_alias
 from mlplatform.spec.loader import Catalog, LoadedSpec
 
@@ -56,7 +57,8 @@ def build_monitor_dag(loaded: LoadedSpec, catalog: Catalog, config: PlatformConf
     )
     DriftCheckOperator.for_spec(spec=spec, tenant=tenant, spec_sha256=loaded.sha256,
                                 extra={"drift_asset": asset, "training_dag_id": spec.dag_id},
-                                task_id="drift_check", dag=dag, outlets=[monitor_alias(asset)])
+                                task_id="drift_check", dag=dag, outlets=[monitor_alias(asset)],
+                                **queue_kwargs("drift_check", md.tenant))
     return dag
 
 
