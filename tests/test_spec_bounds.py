@@ -316,6 +316,25 @@ def test_lint_reports_the_unbuildable_specs_of_the_issue(tmp_path):
     assert "1 spec(s) checked, 1 problem(s) in 1 file(s)" in out.stderr
 
 
+def test_dag_the_dag_processor_would_refuse_is_a_stand_in_at_parse_time(platform, tmp_path):
+    """The DAG file runs the same checks: such a spec becomes its stand-in with the line, not an import error."""
+    import dataclasses
+
+    from mlplatform.factory.build import build_all
+
+    config = dataclasses.replace(platform, tenants_dir=_tenants_dir(tmp_path, schedule_presets=["@continuous"]))
+    write_spec(platform.specs_dir, "acme", "mini", BASE + "  schedule: '@continuous'\n"
+               "  monitoring: {retrain_on_drift: false, schedule: '@continuous'}\n")
+    catalog = load_catalog(config)
+    assert catalog.problems == []
+    dags = build_all(catalog, config)
+    stand_in = dags["acme__mini"]
+    assert "invalid-spec" in stand_in.tags and stand_in.task_ids == ["spec_error"]
+    assert stand_in.description.startswith("INVALID SPEC: specs/acme/mini.yaml:6:3: spec.schedule: the DAG acme__mini "
+                                           "cannot be built: ValueError: Invalid max_active_runs: ContinuousTimetable")
+    assert "acme__mini__monitor" not in dags  # not built for a spec that failed
+
+
 def test_build_problems_map_to_the_spec_line(platform):
     """Any failure of the real factory or of DagBag's checks becomes a problem with file:line, never a crash."""
     from unittest import mock
