@@ -264,6 +264,36 @@ BAD += [  # issue 11: tenants are hostile (each case also runs on a real dag-pro
 ]
 
 
+
+def _training(flow: str) -> str:
+    """MINIMAL with spec.training as the flow mapping ``flow`` (line 6, from column 13)."""
+    return _replace("{framework: xgboost}", flow)
+
+
+BAD += [  # issue 11: bounds from the platform (spec/bounds.py; more cases in tests/test_spec_bounds.py)
+    ("hp-n-estimators-1e9", _training("{hyperparameters: {n_estimators: 1e9}}"), "acme",
+     "mini.yaml:6:32: spec.training.hyperparameters.n_estimators: '1e9' is not a number: xgboost n_estimators takes "
+     "an integer in [1, 2000]"),
+    ("hp-max-depth-10000", _training("{hyperparameters: {max_depth: 10000}}"), "acme",
+     "mini.yaml:6:32: spec.training.hyperparameters.max_depth: 10000 is outside the platform's range [1, 16]"),
+    ("hp-n-jobs", _training("{hyperparameters: {n_jobs: -1}}"), "acme",
+     "mini.yaml:6:32: spec.training.hyperparameters.n_jobs: 'n_jobs' is set by the platform, not the spec"),
+    ("hp-device-cuda-no-gpu", _training("{hyperparameters: {device: cuda}, resources: {gpu: 0}}"), "acme",
+     "mini.yaml:6:32: spec.training.hyperparameters.device: 'device' is set by the platform, not the spec: the "
+     "training device follows spec.training.resources.gpu"),
+    ("timeout-100-years", _training("{timeout: 36500d}"), "acme",
+     "mini.yaml:6:14: spec.training.timeout: '36500d' is above the platform's limit of 3650d"),
+    ("timeout-overflow", _training("{timeout: 99999999999999s}"), "acme",
+     "mini.yaml:6:14: spec.training.timeout: '99999999999999s' is above the platform's limit of 3650d"),
+    ("every-minute", _replace("spec:\n", "spec:\n  schedule: '* * * * *'\n"), "acme",
+     "mini.yaml:5:3: spec.schedule: '* * * * *' runs 1m apart at the closest; tenant 'acme' allows runs at least 1h"),
+    ("monitor-continuous", _replace("spec:\n", "spec:\n  monitoring: {schedule: '@continuous'}\n"), "acme",
+     "mini.yaml:5:16: spec.monitoring.schedule: schedule preset '@continuous' is not allowed for tenant 'acme'"),
+    ("kserve-above-quota", _replace("spec:\n", "spec:\n  deployment: {target: kserve, min_replicas: 50, "
+                                    "max_replicas: 50, resources: {cpu: '64', memory: 1Ti}}\n"), "acme",
+     "mini.yaml:5:32: spec.deployment.min_replicas: min_replicas 50 is above the limit of tenant 'acme': 10"),
+]
+
 @pytest.mark.parametrize("case_id,text,tenant,expected", BAD, ids=[b[0] for b in BAD])
 def test_bad_spec_reports_exact_error(platform, case_id, text, tenant, expected):
     write_spec(platform.specs_dir, tenant, "mini", text)
