@@ -5,6 +5,6 @@ A folder without a tenant file, or a tenant whose dags/tenant_<tenant>.py is mis
 paused stand-in with the error instead of vanishing. Never builds a pipeline.
 """
 
-from mlplatform.factory.loader import load_unassigned_dags
+from mlplatform.factory.unassigned import load_unassigned_dags
 
 globals().update(load_unassigned_dags(__file__))

@@ -4,6 +4,10 @@ Every bad spec of tests/test_spec_loader.py (plus a 10 MB file and a .yml twin o
 to the example specs. `mlplatform lint` reports each with its file and line; the dag-processor still loads
 every healthy DAG, records no import error, and each bad spec is a paused stand-in DAG whose description
 and docs (what the UI shows) carry its error.
+
+Parse isolation (issue 11): a third tenant, ``hostile``, has 5,000 specs and the import timeout is lowered to
+10 s with the parse budget off: its DAG file (dags/tenant_hostile.py) times out, and that is the only import
+error; every other tenant's DAGs load from their own files.
 """
 
 from __future__ import annotations
@@ -46,8 +50,12 @@ def corpus(tmp_path_factory):
     write_spec(specs, "acme", "ten-megabyte", "# " + "x" * (10 * 2**20) + "\n")
     shutil.copy(specs / "acme" / "churn-baseline.yaml", specs / "acme" / "churn-baseline.yml")
     _links_and_reserved_names(root, specs)
+    tenants, dags = _hostile_tenant(root, specs)
     env = {"MLPLATFORM_HOME": str(root / "home"), "MLPLATFORM_SPECS_DIR": str(specs),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'home' / 'mlflow.db'}"}
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'home' / 'mlflow.db'}",
+           "MLPLATFORM_TENANTS_DIR": str(tenants), "MLPLATFORM_DAGS_DIR": str(dags), "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+           "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "10", "MLPLATFORM_TENANT_PARSE_BUDGET": "0",
+           "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "60"}  # the hostile file burns 10 s per parse
     restore_environ = set_platform_environ(env)
     try:
         with running_airflow(root / "airflow", extra=env, components=("api-server", "dag-processor")) as (_, api, __):
@@ -56,6 +64,48 @@ def corpus(tmp_path_factory):
             yield {"api": api, "env": env, "specs": specs}
     finally:
         restore_environ()
+
+
+HOSTILE_SPECS = 5000
+
+
+def _hostile_tenant(root, specs):
+    """Tenant ``hostile`` (acme's quotas) with HOSTILE_SPECS copies of the full demo spec, and a DAG folder
+    with one generated file per tenant."""
+    from mlplatform.tenants.dagfiles import write_dagfiles
+
+    tenants = root / "tenants"
+    shutil.copytree(REPO / "include" / "tenants", tenants)
+    (tenants / "hostile.yaml").write_text((tenants / "acme.yaml").read_text().replace("acme", "hostile"))
+    text = (REPO / "dags" / "specs" / "acme" / "churn-xgb.yaml").read_text().replace("acme", "hostile")
+    for i in range(HOSTILE_SPECS):
+        write_spec(specs, "hostile", f"churn-{i:05d}", text.replace("name: churn-xgb", f"name: churn-{i:05d}"))
+    write_dagfiles(["acme", "globex", "hostile"], root / "dags")
+    return tenants, root / "dags"
+
+
+def _import_errors(api, timeout: float = 180) -> list[dict]:
+    """The import errors once the hostile tenant's file has timed out (its first parse takes the 10 s)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        errors = api.import_errors()
+        if errors or time.monotonic() > deadline:
+            return errors
+        time.sleep(2)
+
+
+def test_a_tenant_past_the_import_timeout_hides_no_other_tenant(corpus):
+    api = corpus["api"]
+    errors = _import_errors(api)
+    assert [e["filename"].rsplit("/", 1)[-1] for e in errors] == ["tenant_hostile.py"], errors
+    assert "DagBag import timeout" in errors[0]["stack_trace"]
+    for dag_id in HEALTHY:
+        details = api.http.get(f"/dags/{dag_id}/details").json()
+        assert details["fileloc"].endswith(f"tenant_{dag_id.split('__')[0]}.py"), (dag_id, details["fileloc"])
+    assert not [d for d in api.dag_ids() if d.startswith("hostile__")]
+    assert api.wait_for_dag("acne__unknown-tenant", timeout=60)["fileloc"].endswith("mlplatform_unassigned.py")
 
 
 def test_lint_reports_every_bad_spec_with_file_and_line(corpus):
@@ -74,7 +124,7 @@ def test_lint_reports_every_bad_spec_with_file_and_line(corpus):
 
 def test_dag_processor_keeps_every_healthy_dag_and_shows_each_error(corpus):
     api = corpus["api"]
-    assert api.import_errors() == []
+    assert [e["filename"].rsplit("/", 1)[-1] for e in api.import_errors()] in ([], ["tenant_hostile.py"])
     for dag_id in HEALTHY:
         dag = api.http.get(f"/dags/{dag_id}").json()
         assert "invalid-spec" not in [t["name"] for t in dag["tags"]], dag_id
@@ -86,6 +136,7 @@ def test_dag_processor_keeps_every_healthy_dag_and_shows_each_error(corpus):
         details = api.http.get(f"/dags/{dag_id}/details").json()
         assert f"{tenant}/{case}.yaml:" in details["doc_md"], dag_id
         assert _expected(case, expected) in details["doc_md"], (dag_id, expected)
+
 
 # ------------------------------------------------- issue 11: symlinked spec files, a pipeline named like the control DAG
 

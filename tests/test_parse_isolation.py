@@ -178,7 +178,7 @@ def test_tenant_file_reads_only_its_own_tenant_and_specs(platform, monkeypatch):
 
 
 def test_unassigned_file_covers_folders_without_a_tenant_dag_file(platform, monkeypatch, tmp_path):
-    from mlplatform.factory.loader import load_unassigned_dags
+    from mlplatform.factory.unassigned import load_unassigned_dags
     from mlplatform.tenants.dagfiles import write_dagfiles
 
     copy_example_specs(platform.specs_dir)
