@@ -422,6 +422,7 @@ def test_nan_passes_airflows_param_check_but_fails_the_run(platform, tunable):
     ({"hp_max_depth": "7"}, "max_depth='7' from the trigger form is not a number"),
     ({"hp_max_depth": True}, "max_depth=True from the trigger form is not a number"),
     ({"hp_tree_method": "gpu_hist"}, "tree_method='gpu_hist' from the trigger form is not one of its tunable choices"),
+    ({"hp_tree_method": True}, "tree_method=True from the trigger form is not one of its tunable choices"),
 ])
 def test_run_time_check_refuses_what_the_form_should_have(platform, tunable, params, message):
     from mlplatform.stages.context import StageFailed

@@ -284,7 +284,7 @@ def run_hyperparameters(spec: PipelineSpec, params: dict[str, Any], bounds: Plat
             continue
         origin = f"hyperparameter {name}={value!r} from the trigger form"
         if tunable.choices is not None:
-            if not any(type(value) is type(c) and value == c for c in tunable.choices):
+            if not any(_same_choice(value, c) for c in tunable.choices):
                 raise HyperparameterError(f"{origin} is not one of its tunable choices {tunable.choices}")
         else:
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -304,6 +304,13 @@ def run_hyperparameters(spec: PipelineSpec, params: dict[str, Any], bounds: Plat
         if allowed[name].type == "int" and isinstance(value, float):
             hp[name] = int(value)  # 3.0 from a JSON conf: the estimators want an int
     return hp
+
+
+def _same_choice(value: Any, choice: Any) -> bool:
+    """``value`` is ``choice``: strings and booleans by type and value, numbers by value (1 == 1.0, not True)."""
+    if isinstance(value, bool | str) or isinstance(choice, bool | str):
+        return type(value) is type(choice) and value == choice
+    return isinstance(value, int | float) and value == choice
 
 
 # ------------------------------------------------------------------------------------------ tenant limits
