@@ -50,7 +50,8 @@ RUN uv pip install --system --no-deps -e . \
     && mkdir -p /opt/airflow/logs /opt/mlplatform /opt/mlplatform-artifacts \
     && chown "${AIRFLOW_UID}:0" /opt/airflow /opt/airflow/logs /opt/mlplatform /opt/mlplatform-artifacts \
     && chmod 2775 /opt/airflow /opt/airflow/logs /opt/mlplatform /opt/mlplatform-artifacts \
-    && mlplatform --help > /dev/null
+    && mlplatform --help > /dev/null \
+    && mlplatform dagfiles --check
 
 # Recorded on every MLflow run and model version as mlplatform.git_commit.
 ARG GIT_COMMIT=""

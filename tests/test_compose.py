@@ -37,6 +37,10 @@ ALLOWED_UNSET = {
                                     "install, never by a compose service; default 'airflow' = the Helm chart's",
     "MLPLATFORM_AIRFLOW_SERVICE_ACCOUNTS": "read only by `mlplatform k8s` (RoleBinding subjects); default "
                                           "'airflow-worker,airflow-triggerer' = the official Helm chart's accounts",
+    "MLPLATFORM_DAGS_DIR": "read only by `mlplatform dagfiles` and lint (where the per-tenant DAG files are); default "
+                           "<repo>/dags = /opt/airflow/dags, the image's AIRFLOW__CORE__DAGS_FOLDER",
+    "MLPLATFORM_TENANT_PARSE_BUDGET": "per-tenant parse budget; the default is derived from Airflow's own "
+                                      "dagbag_import_timeout and dag_file_processor_timeout, which compose leaves at theirs",
 }
 
 # Variables the compose file sets on the gateway for `python -m mlplatform.serving` before that module
