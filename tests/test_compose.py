@@ -18,6 +18,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -53,14 +54,20 @@ AIRFLOW_CORE = (
     "AIRFLOW__CORE__EXECUTOR",
     "AIRFLOW__CORE__AUTH_MANAGER",
     "AIRFLOW__CORE__DAGS_FOLDER",
-    "AIRFLOW__CORE__FERNET_KEY",
     "AIRFLOW__CORE__EXECUTION_API_SERVER_URL",
-    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
     "AIRFLOW__CELERY__BROKER_URL",
     "AIRFLOW__CELERY__RESULT_BACKEND",
+)
+# What only the control plane holds (issue 11): Airflow 3 workers reach everything through the execution API.
+CONTROL_PLANE_SECRETS = (
+    "AIRFLOW__CORE__FERNET_KEY",
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
     "AIRFLOW__API__SECRET_KEY",
     "AIRFLOW__API_AUTH__JWT_SECRET",
 )
+# Taken from .env with ${VAR:?...}: no default, compose refuses to start without them.
+REQUIRED_SECRETS = {"AIRFLOW__CORE__FERNET_KEY": "AIRFLOW_FERNET_KEY", "AIRFLOW__API_AUTH__JWT_SECRET": "AIRFLOW_JWT_SECRET",
+                    "AIRFLOW__API__SECRET_KEY": "AIRFLOW_API_SECRET_KEY"}
 # Published ports the README promises: host port -> service.
 PUBLISHED = {8080: "airflow-apiserver", 5000: "mlflow", 9001: "minio", 8000: "gateway"}
 SHELLS = {"sh", "bash", "/bin/sh", "/bin/bash"}
@@ -132,6 +139,19 @@ def services() -> dict[str, dict]:
 
 def airflow_services() -> dict[str, dict]:
     return {name: svc for name, svc in services().items() if name.startswith("airflow-")}
+
+
+def is_worker(svc: dict) -> bool:
+    command = [str(a) for a in svc.get("command") or []]
+    return command[:3] == ["airflow", "celery", "worker"]
+
+
+def worker_services() -> dict[str, dict]:
+    return {name: svc for name, svc in airflow_services().items() if is_worker(svc)}
+
+
+def control_plane_services() -> dict[str, dict]:
+    return {name: svc for name, svc in airflow_services().items() if not is_worker(svc)}
 
 
 def platform_services() -> dict[str, dict]:
@@ -515,15 +535,105 @@ def test_airflow_services_agree_on_core_settings():
     assert set(airflow) >= {"airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
                             "airflow-triggerer", "airflow-worker", "airflow-worker-gpu"}
     reference = effective_env(airflow["airflow-apiserver"])
-    for key in AIRFLOW_CORE:
+    for key in AIRFLOW_CORE + CONTROL_PLANE_SECRETS:
         assert reference.get(key), f"airflow-apiserver: {key} is not set"
     for name, svc in airflow.items():
         env = effective_env(svc)
-        for key in AIRFLOW_CORE:
+        for key in AIRFLOW_CORE + (() if is_worker(svc) else CONTROL_PLANE_SECRETS):
             assert env.get(key) == reference[key], f"{name}: {key}={env.get(key)!r} differs from the api-server's"
         assert env.get("AIRFLOW__CORE__LOAD_EXAMPLES", "").lower() == "false", name
     assert reference["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
-    assert len(reference["AIRFLOW__API_AUTH__JWT_SECRET"]) >= 32, "JWT secret: HMAC keys need 32+ bytes"
+
+
+def test_workers_hold_no_control_plane_secret():
+    """Workers: no metadata DB URL, Fernet key, JWT or API secret, no Celery results in the database, no log server
+    (it would need the API secret key); only the default-queue worker holds the gateway's platform token; tenant
+    workers serve their tenant's queue with that tenant's optional secrets file."""
+    workers = worker_services()
+    assert {"airflow-worker", "airflow-worker-gpu"} <= set(workers)
+    text = json.dumps(compose()["services"])
+    postgres_password = re.search(r"postgresql\+psycopg2://[^:]+:([^@]+)@", text).group(1)
+    for name, svc in workers.items():
+        env = effective_env(svc)
+        assert not set(CONTROL_PLANE_SECRETS) & set(env), (name, set(CONTROL_PLANE_SECRETS) & set(env))
+        assert not any(postgres_password in v for v in env.values()), f"{name} holds the database password"
+        assert not env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+"), name
+        assert "--skip-serve-logs" in svc["command"], name
+        assert "GATEWAY_PLATFORM_TOKEN" not in env, name
+        has_gateway = "AIRFLOW_CONN_MLPLATFORM_GATEWAY" in env
+        assert has_gateway == (name == "airflow-worker"), name
+    for name in ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"):
+        env = effective_env(airflow_services()[name])
+        assert "AIRFLOW_CONN_MLPLATFORM_GATEWAY" not in env and "GATEWAY_PLATFORM_TOKEN" not in env, name
+    assert "GATEWAY_PLATFORM_TOKEN" in effective_env(airflow_services()["airflow-init"])
+    template = effective_env(airflow_services()["airflow-scheduler"])["MLPLATFORM_TENANT_QUEUE"]
+    tenants = sorted(p.stem for p in (REPO / "include" / "tenants").glob("*.yaml"))
+    for tenant in tenants:
+        queue = template.replace("{tenant}", tenant)
+        serving = [n for n, svc in workers.items()
+                   if queue in str(svc["command"][svc["command"].index("--queues") + 1]).split(",")]
+        assert serving == [f"airflow-worker-{tenant}"], f"queue {queue} of tenant {tenant}: served by {serving}"
+        env_files = services()[f"airflow-worker-{tenant}"].get("env_file") or []
+        assert [e["path"] for e in env_files] == [f"./secrets/tenant-{tenant}.env"], tenant
+        assert all(e.get("required") is False for e in env_files)
+
+
+def test_stage_credentials_do_not_open_the_broker_or_the_metadata_database():
+    """What stage processes get (MLPLATFORM_REDIS_URL for Feast, the prediction log's URL for the monitors) must
+    not be the Celery broker's or the Airflow database's password."""
+    env = effective_env(airflow_services()["airflow-worker"])
+    redis_password = re.search(r"redis://:([^@]+)@", env["AIRFLOW__CELERY__BROKER_URL"]).group(1)
+    feast = env["MLPLATFORM_REDIS_URL"]
+    assert feast.startswith("redis-online:") and redis_password not in feast
+    db = urlsplit(effective_env(airflow_services()["airflow-scheduler"])["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
+    predictions = urlsplit(env["MLPLATFORM_PREDICTION_LOG_URL"])
+    assert predictions.username != db.username and predictions.password != db.password
+    script = (REPO / "include" / "compose" / "postgres-init.sh").read_text()
+    assert re.search(rf"CREATE ROLE {predictions.username} LOGIN PASSWORD :'pw'", script)
+    assert re.search(rf"CREATE DATABASE {predictions.path.lstrip('/')} OWNER {predictions.username}", script)
+
+
+def test_airflow_keys_are_required_from_the_environment():
+    """The Fernet key, JWT secret and API secret key come from .env with ${VAR:?...}: no default (a shared
+    public key in every stack), and compose refuses to start without them."""
+    text = "\n".join(line for line in compose_text().splitlines() if not line.lstrip().startswith("#"))
+    assert "TWacAbGIjxIlSct7Lm1dJdA2ugLWub8mU9GBnrWC-UA=" not in compose_text()
+    env = effective_env(airflow_services()["airflow-apiserver"])
+    for key, var in REQUIRED_SECRETS.items():
+        assert env[key] == f"<required:{var}>", (key, env[key])
+        assert not re.search(rf"\$\{{{var}:?-", text), f"{var} has a default"
+        assert re.search(rf"\$\{{{var}:\?[^}}]+\}}", text), f"{var} is not required with a message"
+    for var in REQUIRED_SECRETS.values():
+        resolved = interpolate(f"${{{var}:?x}}", {var: "set"})
+        assert resolved == "set"
+
+
+def test_readme_env_recipe_makes_valid_keys(tmp_path):
+    """The README's `.env` recipe runs and gives a Fernet key Airflow accepts, 32+ byte JWT and API secrets, and
+    every variable compose requires."""
+    import shutil as _shutil
+
+    from cryptography.fernet import Fernet
+
+    if not _shutil.which("openssl"):
+        pytest.skip("no openssl")
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"\n( +)(umask 077; cat > \.env <<EOF\n.*?\n\1EOF)\n", readme, re.S)
+    assert block, "README: no `.env` recipe (an indented `umask 077; cat > .env <<EOF ... EOF` block)"
+    script = textwrap.dedent(block.group(1) + block.group(2))
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"]})
+    assert proc.returncode == 0, proc.stderr
+    values = dict(line.split("=", 1) for line in (tmp_path / ".env").read_text().splitlines() if "=" in line)
+    Fernet(values["AIRFLOW_FERNET_KEY"].encode())
+    assert len(values["AIRFLOW_JWT_SECRET"]) >= 32 and len(values["AIRFLOW_API_SECRET_KEY"]) >= 32
+    code = "\n".join(line for line in compose_text().splitlines() if not line.lstrip().startswith("#"))
+    required = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):\?", code))
+    assert required == set(REQUIRED_SECRETS.values()) and required <= set(values), (required, sorted(values))
+    for name, value in values.items():
+        if "PASSWORD" in name:
+            assert re.fullmatch(r"[A-Za-z][A-Za-z0-9]+", value), f"{name}: letters and digits, starting with a letter"
+    assert oct((tmp_path / ".env").stat().st_mode & 0o777) == "0o600"
 
 
 def test_airflow_urls_point_at_services():
@@ -535,7 +645,7 @@ def test_airflow_urls_point_at_services():
     port = int(command[command.index("--port") + 1]) if "--port" in command else 8080
     assert api.port == port, f"execution API on port {api.port}, api-server listens on {port}"
     for key, scheme, host in (("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "postgresql", "postgres"),
-                              ("AIRFLOW__CELERY__RESULT_BACKEND", "db+postgresql", "postgres"),
+                              ("AIRFLOW__CELERY__RESULT_BACKEND", "redis", "redis"),
                               ("AIRFLOW__CELERY__BROKER_URL", "redis", "redis")):
         parts = urlsplit(env[key])
         assert parts.scheme.startswith(scheme) and parts.hostname == host and host in svcs, (key, env[key])
@@ -575,15 +685,9 @@ def test_secret_defaults_are_consistent():
         defaults.setdefault(m.group(1), set()).add(m.group(2))
     inconsistent = {k: v for k, v in defaults.items() if len(v) > 1}
     assert not inconsistent, inconsistent
-    for name in ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "MINIO_ROOT_PASSWORD", "AIRFLOW_FERNET_KEY",
-                 "AIRFLOW_JWT_SECRET", "AIRFLOW_API_SECRET_KEY", "AIRFLOW_ADMIN_PASSWORD"):
+    for name in ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "FEAST_REDIS_PASSWORD", "PREDICTIONS_DB_PASSWORD",
+                 "MINIO_ROOT_PASSWORD", "AIRFLOW_ADMIN_PASSWORD"):
         assert name in defaults, f"{name} is not taken from .env"
-
-
-def test_fernet_key_default_is_valid():
-    from cryptography.fernet import Fernet
-
-    Fernet(effective_env(airflow_services()["airflow-scheduler"])["AIRFLOW__CORE__FERNET_KEY"].encode())
 
 
 def test_every_setting_the_code_reads_is_set_or_allow_listed():
@@ -691,7 +795,7 @@ def test_dockerfile_copies_every_top_level_path_the_code_needs():
 
 def test_dockerignore_keeps_state_and_secrets_out():
     patterns = set(dockerignore_patterns())
-    for entry in (".venv", ".mlplatform", ".airflow", "test-artifacts", ".git", ".env"):
+    for entry in (".venv", ".mlplatform", ".airflow", "test-artifacts", ".git", ".env", "secrets"):
         assert entry in patterns, f".dockerignore does not exclude {entry}"
     for path in (".venv/bin/python", ".git/HEAD", "test-artifacts/x", "plugins/mlplatform/__pycache__/a.pyc"):
         assert ignored(path), path
