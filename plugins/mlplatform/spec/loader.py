@@ -329,6 +329,9 @@ def check_spec(
         p.append(located.problem(("spec", "monitoring", "schedule"), problem))
     p += _check_columns(spec, located)
     p += _check_tunable(spec, located)
+    from mlplatform.spec.bounds import check_bounds  # platform ranges, tenant limits (spec/bounds.py)
+
+    p += check_bounds(spec, located, tenant)
     p += _check_expectations(spec, located)
     return p, []
 
