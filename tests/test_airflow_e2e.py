@@ -146,3 +146,12 @@ def test_rejected_model_skips_register_and_deploy_without_failing_the_run(airflo
     log = api.http.get(f"/dags/acme__churn-strict/dagRuns/{run_id}/taskInstances/register/logs/1",
                        headers={"Accept": "application/json"}).json()
     assert "model rejected by evaluate" in json.dumps(log)
+    # The tenant-influenced stages ran in the sandbox (mlplatform.sandbox), and their own log lines still
+    # reached the task log.
+    from mlplatform.sandbox import namespaces_available
+
+    log = json.dumps(api.http.get(f"/dags/acme__churn-strict/dagRuns/{run_id}/taskInstances/evaluate/logs/1",
+                                  headers={"Accept": "application/json"}).json())
+    isolation = "PID+mount namespaces" if namespaces_available()[0] else "scrubbed environment"
+    assert "mlplatform.stages.entry:evaluate: stage process started in" in log and isolation in log, log[-2000:]
+    assert "evaluation REJECTED" in log
