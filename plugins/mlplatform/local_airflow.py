@@ -70,6 +70,18 @@ def airflow_env(home: Path, port: int, sql_conn: str | None = None, extra: dict[
 
 HOSTNAME_ENV = "MLPLATFORM_AIRFLOW_HOSTNAME"
 CELERY_WORKER = "celery-worker-"
+# What only the control plane needs (docker-compose.yaml does the same): Airflow 3 workers reach connections,
+# variables and XComs through the execution API, and serve no logs here.
+CONTROL_PLANE_ONLY = ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CORE__FERNET_KEY",
+                      "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY")
+
+
+def worker_env(env: dict[str, str]) -> dict[str, str]:
+    """A Celery worker's environment: without the control plane's secrets, unless Celery keeps its results in
+    the metadata database (``db+...`` result backend), which the worker then has to reach."""
+    if env.get("AIRFLOW__CELERY__RESULT_BACKEND", "").startswith("db+"):
+        return dict(env)
+    return {k: v for k, v in env.items() if k not in CONTROL_PLANE_ONLY}
 
 
 def hostname() -> str:
@@ -87,7 +99,8 @@ def celery_env(broker_url: str, result_backend: str, concurrency: int = 2,
                task_heartbeat_timeout: int | None = None) -> dict[str, str]:
     """Settings (``extra`` of ``airflow_env``) for the CeleryExecutor with ``celery-worker-<name>`` components.
 
-    ``result_backend`` is a Celery URL (``db+postgresql://...``). Each worker reports its component name as
+    ``result_backend`` is a Celery URL (``redis://...``, or ``db+postgresql://...``, which then keeps the metadata
+    DB URL in the workers' environment: see ``worker_env``). Each worker reports its component name as
     the task instances' hostname. ``task_heartbeat_timeout`` lowers ``[scheduler]
     task_instance_heartbeat_timeout``: how long a task of a dead worker stays "running" before the scheduler
     fails it and its retry is queued (300 s by default).
@@ -139,7 +152,7 @@ class AirflowProcesses:
         elif name.startswith(CELERY_WORKER):
             args = ["celery", "worker", "--celery-hostname", f"{name}@%h", "--skip-serve-logs",
                     "--concurrency", self.env.get("AIRFLOW__CELERY__WORKER_CONCURRENCY", "2")]
-            env = {**self.env, HOSTNAME_ENV: name}
+            env = worker_env({**self.env, HOSTNAME_ENV: name})
         else:
             args = [name]
         with open(self.log_dir / f"{name}.log", "ab") as log:
