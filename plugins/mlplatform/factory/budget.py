@@ -91,7 +91,7 @@ class ParseBudget:
         return True
 
     def message(self) -> str:
-        who = f"tenant {self.tenant!r}" if self.tenant else "these specs"
+        who = f"tenant {self.tenant!r}" if self.tenant else "the specs of folders without a tenant DAG file"
         return (f"parse budget exceeded: {who} spent its {self.seconds:g} s parse budget ({self.spent or 0:.1f} s) "
                 "before this spec; split or simplify your specs, or ask the platform team for a larger "
                 "MLPLATFORM_TENANT_PARSE_BUDGET")
