@@ -10,7 +10,7 @@ import difflib
 import posixpath
 import re
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from mlplatform.spec.model import (
 )
 from mlplatform.spec.expectations import expectation_problems
 from mlplatform.spec.safetext import find_unsafe_text
-from mlplatform.spec.secrets import find_secrets
+from mlplatform.spec.secrets import find_secrets, redact
 from mlplatform.spec.template import PipelineTemplate
 from mlplatform.spec.yamlsafe import Located, dotted, load_file
 
@@ -253,6 +253,8 @@ def load_spec(path: Path, config: PlatformConfig, catalog: Catalog) -> LoadedSpe
         fallback_name += "-reserved-name"
 
     def broken(problems: list[Problem]) -> BrokenSpec:
+        # Messages echo values and keys (a pattern mismatch, an unknown field): never a credential's text.
+        problems = [replace(p, field=redact(p.field), message=redact(p.message)) for p in problems]
         return BrokenSpec(path, display, fallback_tenant, fallback_name, problems)
 
     try:

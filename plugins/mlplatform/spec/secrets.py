@@ -110,6 +110,20 @@ def value_secret(text: str) -> str | None:
     return None
 
 
+# For redacting error messages: the key=value form only with "=", since the messages' own words ("a GitHub
+# token: store it ...") would match "token:".
+_REDACT = re.compile("|".join(f"(?:{p})" for p, _ in _SECRET_VALUES[:-1])
+                     + "|(?:" + _SECRET_VALUES[-1][0].replace(r"\s*[=:]\s*", r"\s*=\s*") + ")")
+
+
+def redact(text: str) -> str:
+    """``text`` with every credential-shaped part replaced by ``<redacted>`` (errors never echo a secret)."""
+    if not _REDACT.search(text) and not ("asic" in text.lower() and _basic_credentials(text)):
+        return text
+    text = _REDACT.sub("<redacted>", text)
+    return _BASIC.sub(lambda m: "Basic <redacted>" if _basic_credentials(m.group(0)) else m.group(0), text)
+
+
 def _holds_value(value: Any) -> bool:
     """A non-empty scalar, or a list holding one (``passwords: [a, b]``); mappings are searched instead."""
     if isinstance(value, list):
