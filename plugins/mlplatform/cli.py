@@ -49,16 +49,25 @@ def _dagfile_problems(catalog, config) -> list:
     return missing_dagfile_problems(catalog.tenants, config)
 
 
-def cmd_dagfiles(args: argparse.Namespace) -> int:
-    """One DAG file per tenant (dags/tenant_<tenant>.py) from the tenant files; --check: exit 1 when out of date."""
+def _platform_catalog(action: str):
+    """Tenant and template files (no specs), or None after printing their problems: nothing is changed then."""
     from mlplatform.spec.loader import load_catalog
-    from mlplatform.tenants.dagfiles import dags_dir, write_dagfiles
 
     catalog = load_catalog(get_config(), only=[])
     if catalog.platform_problems:
         for p in catalog.platform_problems:
             print(p, file=sys.stderr)
-        print("refusing to write DAG files while tenant or template files have errors", file=sys.stderr)
+        print(f"refusing to {action} while tenant or template files have errors", file=sys.stderr)
+        return None
+    return catalog
+
+
+def cmd_dagfiles(args: argparse.Namespace) -> int:
+    """One DAG file per tenant (dags/tenant_<tenant>.py) from the tenant files; --check: exit 1 when out of date."""
+    from mlplatform.tenants.dagfiles import dags_dir, write_dagfiles
+
+    catalog = _platform_catalog("write DAG files")
+    if catalog is None:
         return 1
     folder = Path(args.out).absolute() if args.out else dags_dir()
     changes = write_dagfiles(catalog.tenants, folder, dry_run=args.check)
@@ -145,14 +154,10 @@ def cmd_k8s(args: argparse.Namespace) -> int:
 
 def cmd_sync_pools(args: argparse.Namespace) -> int:
     """Reconcile Airflow pools with the tenant files; prints what changed."""
-    from mlplatform.spec.loader import load_catalog
     from mlplatform.tenants.pools import MissingTeams, sync_pools
 
-    catalog = load_catalog(get_config(), only=[])
-    if catalog.platform_problems:
-        for p in catalog.platform_problems:
-            print(p, file=sys.stderr)
-        print("refusing to sync pools while tenant or template files have errors", file=sys.stderr)
+    catalog = _platform_catalog("sync pools")
+    if catalog is None:
         return 1
     try:
         changes = sync_pools(catalog.tenants, dry_run=args.dry_run)
