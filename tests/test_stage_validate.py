@@ -255,3 +255,29 @@ def test_where_condition_selects_the_rows_checked(tmp_path, monkeypatch):
     assert ("- expect_column_values_to_be_between(column='monthly_charges', max_value=100) "
             "where plan == 'basic' and support_calls < 100 [spec.validation.expectations[0]]") in text
     assert f"3 unexpected of {basic} rows" in text
+
+
+def test_real_validate_task_refuses_the_payload_in_its_sandbox(tmp_path, monkeypatch):
+    """The task path end to end: ValidateOperator.execute -> sandboxed child -> validate_data, with a spec
+    object that carries the pandas payload (lint would refuse the file). The task fails, no shell runs."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from mlplatform.config import get_config
+    from mlplatform.operators.stages import ValidateOperator
+
+    marker = tmp_path / "PWNED"
+    ctx = _forged_ctx(tmp_path, monkeypatch, _forged({"column": "plan", "row_condition": PAYLOADS[0].format(
+        marker=marker), "condition_parser": "pandas"}))
+    get_config.cache_clear()
+    for day in (1, 2, 3):
+        write_parquet(churn_frame(300, seed=day), ctx.config.data_root / "acme" / "churn" / f"dt=2026-11-0{day}"
+                      / "p.parquet")
+    task = ValidateOperator.for_spec(spec=ctx.spec, tenant=ctx.tenant, spec_sha256="", task_id="validate")
+    ti = SimpleNamespace(try_number=1, task_id="validate", xcom_pull=lambda task_ids: None)
+    with pytest.raises(AirflowFailException, match="outside the platform's allowlist") as info:
+        task.execute({"run_id": "manual__payload", "params": {}, "ti": ti})
+    assert "row_condition" in str(info.value)
+    assert not marker.exists()
+    get_config.cache_clear()
