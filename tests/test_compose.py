@@ -42,6 +42,8 @@ ALLOWED_UNSET = {
                            "<repo>/dags = /opt/airflow/dags, the image's AIRFLOW__CORE__DAGS_FOLDER",
     "MLPLATFORM_TENANT_PARSE_BUDGET": "per-tenant parse budget; the default is derived from Airflow's own "
                                       "dagbag_import_timeout and dag_file_processor_timeout, which compose leaves at theirs",
+    "MLPLATFORM_BOUNDS_FILE": "the platform's bounds file; default <repo>/include/platform/bounds.yaml, which the "
+                              "image ships at /opt/airflow/include/platform/bounds.yaml",
 }
 
 # Variables the compose file sets on the gateway for `python -m mlplatform.serving` before that module
