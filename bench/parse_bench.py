@@ -331,15 +331,24 @@ def steady_state(folder: Path, env: dict[str, str], db_template: Path, work: Pat
                 break
         first_pass = time.monotonic() - started
         time.sleep(35)
-        cpu0, t0 = _tree_cpu(ps), time.monotonic()
+        cpu0, t0, parses0 = _tree_cpu(ps), time.monotonic(), _parses(home)
         time.sleep(minutes * 60)
-        cpu1, t1 = _tree_cpu(ps), time.monotonic()
+        cpu1, t1, parses1 = _tree_cpu(ps), time.monotonic(), _parses(home)
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=60)
         log.close()
+    files = len(list(folder.glob("*.py")))
+    passes = (parses1 - parses0) / files  # Airflow re-parses a file min_file_process_interval after its last finish
     return {"cpu_s_per_min": round((cpu1 - cpu0) / (t1 - t0) * 60, 2), "window_s": round(t1 - t0, 1),
+            "parses": parses1 - parses0, "passes_per_min": round(passes / (t1 - t0) * 60, 2),
+            "cpu_s_per_pass": round((cpu1 - cpu0) / passes, 2) if passes else None,
             "first_pass_s": round(first_pass, 1), "dags_in_db": have}
+
+
+def _parses(home: Path) -> int:
+    """Parses so far: each one logs "Filling up the DagBag" to its file's log (logs/dag_processor/...)."""
+    return sum(p.read_text(errors="replace").count("Filling up the DagBag") for p in (home / "logs").rglob("*.log"))
 
 
 def migrated_db(work: Path, env: dict[str, str]) -> Path:
@@ -409,11 +418,14 @@ def main() -> None:
                 row["steady_state"] = {}
                 for name, folder, expect in (("one_file", folders["one_file"], 2 * n + files),
                                              ("per_tenant", folders["per_tenant"], 2 * n + files),
-                                             ("hand_written_kpo", make_hand_tree(root, n, files=files) if n < 100 else hand_files, n)):
+                                             ("hand_written_kpo", make_hand_tree(root, n, files=files) if n < 100 else hand_files, n),
+                                             ("hand_written_equivalent", root / f"hand_equivalent_{files}" if n >= 100
+                                              else make_hand_tree(root, n, equivalent=True, files=files), 2 * n)):
                     m = steady_state(folder, steady_env, db, work, args.steady_minutes, expect)
                     m["load_average"] = list(os.getloadavg())
                     row["steady_state"][name] = m
-                    print(f"      steady state, {name:24} {m['cpu_s_per_min']:6.2f} CPU s/min  (first pass "
+                    print(f"      steady state, {name:24} {m['cpu_s_per_min']:6.2f} CPU s/min, {m['passes_per_min']} passes/min, "
+                          f"{m['cpu_s_per_pass']} CPU s/pass  (first pass "
                           f"{m['first_pass_s']} s, {m['dags_in_db']} DAGs, load {m['load_average'][0]:.1f})", flush=True)
             results["sizes"][n] = row
         results["loader_import_s"] = loader_import_seconds(dict(os.environ), args.repeat)

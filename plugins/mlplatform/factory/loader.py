@@ -10,7 +10,8 @@ that pipeline's spec is read and built, so starting a task costs one spec, not e
 
 Every parse is a fresh process: the dag-processor forks a child per DAG file and parse (Airflow 3.3
 ``DagFileProcessorProcess``), so nothing kept in this module survives to the next parse; a cache of
-validated specs would have to live on disk, and loading is ~15% of a spec's parse cost (bench/README.md).
+validated specs would have to live on disk, and reading and validating is ~17% of a spec's parse cost in the
+child (bench/README.md, "No cache across parses").
 """
 
 from __future__ import annotations
