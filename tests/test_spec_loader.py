@@ -437,3 +437,29 @@ spec:
     text = "\n".join(str(p) for b in broken for p in b.problems)
     assert "leak.yaml:5:" in text and "metadata.tags[0]: '<redacted>' does not match" in text
     assert token not in text and "hunter2secret" not in text
+
+
+def test_schema_errors_do_not_hide_the_semantic_checks(platform):
+    """Issue 12: one lint pass reports a typo, a bad expectation kwarg, a secret, template text, a bound and
+    a tenant/folder mismatch together (three typos used to take three rounds)."""
+    text = _meta("ownr: ml-team").replace("label: churned}", "label: churned, sorce_typo: x}").replace(
+        "spec:\n", "spec:\n  schedule: '61 * * * *'\n  validation:\n    expectations:\n"
+        "      - {type: expect_column_values_to_be_between, kwargs: {column: tenure_months, max_vaule: 3}}\n"
+        "      - {type: expect_column_values_to_not_be_null, kwargs: {column: plan}, severity: fatal}\n", 1).replace(
+        "{framework: xgboost}", "{framework: xgboost, hyperparameters: {max_depth: 10000, api_key: abc123, "
+        "objective: '{{ var.value.x }}'}}").replace("tenant: acme", "tenant: globex")
+    write_spec(platform.specs_dir, "acme", "mini", text)
+    [broken] = load_catalog(platform).broken
+    messages = "\n".join(str(p) for p in broken.problems)
+    for expected in ("metadata.ownr: unknown field 'ownr'; did you mean 'owner'?",
+                     "spec.data.sorce_typo: unknown field",
+                     "expectations[1].severity: 'fatal' is not allowed",
+                     "expectations[0].kwargs.max_vaule: unknown kwarg 'max_vaule'",
+                     "spec.schedule: '61 * * * *' is not a valid cron expression",
+                     "metadata.tenant: tenant 'globex' does not match the folder 'acme'",
+                     "hyperparameters.api_key: 'api_key' looks like a secret",
+                     "hyperparameters.objective: template syntax is not allowed",
+                     "hyperparameters.max_depth: 10000 is outside the platform's range [1, 16]"):
+        assert expected in messages, messages
+    assert "abc123" not in messages
+    assert len(messages.splitlines()) == len(set(messages.splitlines())), "no problem twice"

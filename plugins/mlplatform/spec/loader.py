@@ -258,15 +258,92 @@ def load_spec(path: Path, config: PlatformConfig, catalog: Catalog) -> LoadedSpe
         return BrokenSpec(path, display, fallback_tenant, fallback_name, problems)
 
     try:
-        spec, located = _load_model(path, display, PipelineSpec, allow_symlinks=False)
+        located = load_file(path, display, allow_symlinks=False)
     except SpecError as exc:
         return broken(exc.problems)
     except OSError as exc:
         return broken([Problem(display, 1, 1, "", f"cannot read file: {exc.strerror}")])
+    if not isinstance(located.data, dict):
+        return broken([located.problem((), "expected a mapping with apiVersion, kind, metadata and spec")])
+    try:
+        spec = PipelineSpec.model_validate(located.data)
+    except ValidationError as exc:
+        # One pass reports everything: the checks that can run on the raw data run despite the schema errors.
+        problems = validation_problems(exc, located, PipelineSpec)
+        shown = {str(p) for p in problems}
+        for extra in raw_problems(located, catalog, tenant_dir, stem):
+            if str(extra) not in shown:
+                shown.add(str(extra))
+                problems.append(extra)
+        return broken(sorted(problems, key=lambda p: (p.line, p.col)))
     problems, warnings = check_spec(spec, located, catalog, tenant_dir, stem, config)
     if problems:
         return broken(problems)
     return LoadedSpec(path, display, spec, located, located.sha256, warnings)
+
+
+def _mapping(value: Any, *keys: str) -> dict:
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+def _name_problem(name: str, stem: str) -> str | None:
+    return f"name {name!r} must equal the file name {stem!r}" if name != stem else None
+
+
+def _tenant_problem(tenant: str, tenant_dir: str, catalog: Catalog) -> str | None:
+    if tenant != tenant_dir:
+        return f"tenant {tenant!r} does not match the folder {tenant_dir!r}: a tenant's specs live in dags/specs/<tenant>/"
+    if tenant not in catalog.tenants:
+        close = difflib.get_close_matches(tenant, list(catalog.tenants), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"unknown tenant {tenant!r}{hint}: the platform team adds tenants in include/tenants/<tenant>.yaml"
+    return None
+
+
+def raw_problems(located: Located, catalog: Catalog, tenant_dir: str, stem: str) -> list[Problem]:
+    """The semantic checks that need no valid schema, on the raw data of a spec whose schema failed: secrets,
+    template text, name and tenant against the file and folder, the tenant's data prefixes, cron syntax, the
+    expectation allowlist, and the platform bounds on a ``spec.training`` that validates on its own."""
+    data = located.data
+    p = [located.problem(path, msg) for path, msg in find_secrets(data)]
+    p += [located.problem(path, msg) for path, msg in find_unsafe_text(data)]
+    md, body = _mapping(data, "metadata"), _mapping(data, "spec")
+    if isinstance(md.get("name"), str) and (msg := _name_problem(md["name"], stem)):
+        p.append(located.problem(("metadata", "name"), msg))
+    tenant = None
+    if isinstance(md.get("tenant"), str):
+        msg = _tenant_problem(md["tenant"], tenant_dir, catalog)
+        if msg:
+            p.append(located.problem(("metadata", "tenant"), msg))
+        else:
+            tenant = catalog.tenants[md["tenant"]]
+    source = _mapping(body, "data").get("source")
+    if tenant is not None and isinstance(source, str) and (msg := check_data_source(source, tenant)):
+        p.append(located.problem(("spec", "data", "source"), msg))
+    for at, value in ((("spec", "schedule"), body.get("schedule")),
+                      (("spec", "monitoring", "schedule"), _mapping(body, "monitoring").get("schedule"))):
+        if isinstance(value, str) and (msg := check_schedule(value)):
+            p.append(located.problem(at, msg))
+    expectations = _mapping(body, "validation").get("expectations")
+    for i, e in enumerate(expectations if isinstance(expectations, list) else []):
+        if isinstance(e, dict) and isinstance(e.get("type"), str) and isinstance(e.get("kwargs", {}), dict):
+            at = ("spec", "validation", "expectations", i)
+            p += [located.problem(at + sub, msg)
+                  for sub, msg in expectation_problems(e["type"], e.get("kwargs", {}), e.get("where") is not None)]
+    if "training" in body:
+        from mlplatform.spec.bounds import hyperparameter_problems, load_bounds
+        from mlplatform.spec.model import TrainingSpec
+
+        try:
+            training = TrainingSpec.model_validate(body["training"])
+            bounds = load_bounds()
+        except (ValidationError, SpecError):
+            pass  # the schema errors already say what is wrong there
+        else:
+            p += [located.problem(path, msg) for path, msg in hyperparameter_problems(training, bounds)]
+    return p
 
 
 def check_spec(
@@ -278,23 +355,13 @@ def check_spec(
     md = spec.metadata
     p += [located.problem(path, msg) for path, msg in find_secrets(located.data)]
     p += [located.problem(path, msg) for path, msg in find_unsafe_text(located.data)]
-    if md.name != stem:
-        p.append(located.problem(("metadata", "name"), f"name {md.name!r} must equal the file name {stem!r}"))
-    if md.tenant != tenant_dir:
-        p.append(located.problem(
-            ("metadata", "tenant"),
-            f"tenant {md.tenant!r} does not match the folder {tenant_dir!r}: a tenant's specs live in dags/specs/<tenant>/",
-        ))
-        return p, []  # not checked against another tenant's quotas (a tenant's DAG file reads only its own file)
-    tenant = catalog.tenants.get(md.tenant)
-    if tenant is None:
-        close = difflib.get_close_matches(md.tenant, list(catalog.tenants), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        p.append(located.problem(
-            ("metadata", "tenant"),
-            f"unknown tenant {md.tenant!r}{hint}: the platform team adds tenants in include/tenants/<tenant>.yaml",
-        ))
+    if msg := _name_problem(md.name, stem):
+        p.append(located.problem(("metadata", "name"), msg))
+    if msg := _tenant_problem(md.tenant, tenant_dir, catalog):
+        # not checked against another tenant's quotas (a tenant's DAG file reads only its own file)
+        p.append(located.problem(("metadata", "tenant"), msg))
         return p, []
+    tenant = catalog.tenants[md.tenant]
     if body.template not in catalog.templates:
         close = difflib.get_close_matches(body.template, list(catalog.templates), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
