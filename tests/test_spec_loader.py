@@ -463,3 +463,54 @@ def test_schema_errors_do_not_hide_the_semantic_checks(platform):
         assert expected in messages, messages
     assert "abc123" not in messages
     assert len(messages.splitlines()) == len(set(messages.splitlines())), "no problem twice"
+
+
+def _pipeline(name: str, views: str = "") -> str:
+    text = MINIMAL.replace("name: mini", f"name: {name}")
+    return text.replace("spec:\n", f"spec:\n  features: {{views: [{views}]}}\n") if views else text
+
+
+def test_lint_takes_folders_recursively_without_following_links(platform, tmp_path, capsys):
+    from mlplatform.cli import main
+
+    write_spec(platform.specs_dir, "acme", "good", _pipeline("good"))
+    write_spec(platform.specs_dir, "acme", "bad", _pipeline("bad").replace("training:", "trainig:"))
+    (platform.specs_dir / "acme" / "notes.txt").write_text("not a spec\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "hidden.yaml").write_text("apiVersion: SENTINEL-JWT-SECRET\n")
+    (platform.specs_dir / "acme" / "linked").symlink_to(outside)  # a link to a folder: never walked into
+    (platform.specs_dir / "acme" / "leak.yaml").symlink_to(outside / "hidden.yaml")
+    assert main(["lint", str(platform.specs_dir / "acme")]) == 1
+    captured = capsys.readouterr()
+    assert "specs/acme/bad.yaml:6:3: spec.trainig: unknown field 'trainig'" in captured.out
+    assert "specs/acme/leak.yaml:1:1: spec file is a symbolic link" in captured.out
+    assert "SENTINEL" not in captured.out and "hidden" not in captured.out and "notes" not in captured.out
+    assert "3 spec(s) checked, 2 problem(s) in 2 file(s)" in captured.err
+    assert main(["lint", str(platform.specs_dir)]) == 1  # the specs folder itself: every tenant folder below it
+    assert "3 spec(s) checked" in capsys.readouterr().err
+
+
+def test_lint_catches_feature_view_name_clashes_across_a_tenants_specs(platform, capsys):
+    from mlplatform.cli import main
+
+    write_spec(platform.specs_dir, "acme", "one", _pipeline("one", "{name: usage, features: [plan]}"))
+    write_spec(platform.specs_dir, "acme", "two", _pipeline("two", "{name: billing, features: [plan]}, "
+                                                                   "{name: usage, features: [tenure_months]}"))
+    write_spec(platform.specs_dir, "acme", "three", _pipeline("three", "{name: one, features: [plan]}"))  # one declares views: no default view
+    write_spec(platform.specs_dir, "acme", "four", _pipeline("four"))  # default view 'four'
+    write_spec(platform.specs_dir, "acme", "five", _pipeline("five", "{name: four, features: [plan]}"))
+    write_spec(platform.specs_dir, "globex", "usage", _pipeline("other", "{name: usage, features: [plan]}")
+               .replace("name: other", "name: usage").replace("tenant: acme", "tenant: globex")
+               .replace("acme/churn", "globex/accounts"))  # another tenant: another Feast project
+    assert main(["lint", str(platform.specs_dir / "acme" / "two.yaml")]) == 1  # the other file is read too
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["specs/acme/two.yaml:5:58: spec.features.views[1].name: feature view 'usage' is also registered by "
+                   "specs/acme/one.yaml: feature views are per tenant (one Feast project per tenant), so rename one "
+                   "in spec.features.views"], out
+    assert main(["lint"]) == 1
+    out = capsys.readouterr().out
+    assert "specs/acme/one.yaml:5:23: spec.features.views[0].name: feature view 'usage' is also registered by specs/acme/two.yaml" in out
+    assert "specs/acme/five.yaml:5:23: spec.features.views[0].name: feature view 'four' is also registered by specs/acme/four.yaml" in out
+    assert "specs/acme/four.yaml:3:12: metadata.name: feature view 'four' is also registered by specs/acme/five.yaml" in out
+    assert "three.yaml" not in out and "globex" not in out

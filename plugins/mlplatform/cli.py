@@ -19,9 +19,10 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
     config = get_config()
     # abspath, not resolve(): a spec that is a symlink must be refused as itself, never read through
-    only = [Path(os.path.abspath(f)) for f in args.files] if args.files else None
+    only = _lint_paths(args.files) if args.files else None
     catalog = load_catalog(config, only=only)
     problems = list(catalog.problems)
+    problems += _view_clashes(catalog, config, only)
     if catalog.specs:  # a lint-clean spec always builds: the real factory and DagBag's checks (factory/check.py)
         from mlplatform.factory.check import build_problems
 
@@ -36,6 +37,52 @@ def cmd_lint(args: argparse.Namespace) -> int:
     bad = len({p.file for p in problems})
     print(f"{checked} spec(s) checked, {len(problems)} problem(s) in {bad} file(s)", file=sys.stderr)
     return 1 if problems else 0
+
+
+def _lint_paths(names: list[str]) -> list[Path]:
+    """Files as given; folders recursively to their *.yaml/*.yml entries. Never follows a symbolic link (lstat):
+    a link, even one to a folder, is passed on as a file so the loader refuses it by name."""
+    import stat
+
+    from mlplatform.spec.loader import SPEC_SUFFIXES
+
+    out: list[Path] = []
+
+    def walk(folder: Path) -> None:
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                walk(path)
+            elif path.suffix in SPEC_SUFFIXES:
+                out.append(path)
+
+    for name in names:
+        path = Path(os.path.abspath(name))
+        try:
+            is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
+        except OSError:
+            is_dir = False  # the loader says it cannot read it
+        if is_dir:
+            walk(path)
+        else:
+            out.append(path)
+    return out
+
+
+def _view_clashes(catalog, config, only: list[Path] | None) -> list:
+    """Feature view names reused across a tenant's specs, also against the tenant's specs not being linted."""
+    from mlplatform.spec.loader import LoadedSpec, feature_view_clashes, load_spec, spec_paths
+
+    others = []
+    if only is not None:
+        tenants = {s.spec.metadata.tenant for s in catalog.specs}
+        checked = {s.path.absolute() for s in catalog.specs} | {b.path.absolute() for b in catalog.broken}
+        for path in spec_paths(config):
+            if path.parent.name in tenants and path.absolute() not in checked:
+                loaded = load_spec(path, config, catalog)
+                if isinstance(loaded, LoadedSpec):
+                    others.append(loaded)
+    return feature_view_clashes(catalog.specs, others)
 
 
 def _dagfile_problems(catalog, config) -> list:
@@ -248,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlplatform", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("lint", help="check specs; compiler-style output, exit 1 on problems")
-    p.add_argument("files", nargs="*", help="spec files (default: every spec under the specs folder)")
+    p.add_argument("files", nargs="*", help="spec files or folders (recursively; symbolic links are never followed; "
+                   "default: every spec under the specs folder)")
     p.add_argument("--deep", action="store_true", help="also check expectations with Great Expectations itself")
     p.set_defaults(func=cmd_lint)
     p = sub.add_parser("render", help="show a pipeline's DAG (or, with --pod, its Kubernetes train pod)")

@@ -405,6 +405,34 @@ def check_spec(
     return p, []
 
 
+def feast_view_names(spec: PipelineSpec) -> list[tuple[tuple[Any, ...], str]]:
+    """(key path, Feast view name) of every view a pipeline registers in its tenant's Feast project (the
+    features stage's names: ``-`` becomes ``_``; no views declared means one view named after the pipeline)."""
+    views = spec.spec.features.views
+    if views:
+        return [(("spec", "features", "views", i, "name"), v.name.replace("-", "_")) for i, v in enumerate(views)]
+    return [(("metadata", "name"), spec.metadata.name.replace("-", "_"))]
+
+
+def feature_view_clashes(checked: list[LoadedSpec], others: list[LoadedSpec] = ()) -> list[Problem]:
+    """A problem on every checked spec reusing a feature view name of another pipeline of its tenant (Feast
+    views are per tenant project, so the second pipeline's features stage would fail at run time)."""
+    owners: dict[tuple[str, str], list[LoadedSpec]] = {}
+    everyone = {id(s): s for s in [*checked, *others]}.values()
+    for loaded in everyone:
+        for name in {n for _, n in feast_view_names(loaded.spec)}:
+            owners.setdefault((loaded.spec.metadata.tenant, name), []).append(loaded)
+    out = []
+    for loaded in checked:
+        for path, name in feast_view_names(loaded.spec):
+            rivals = [o.display for o in owners[(loaded.spec.metadata.tenant, name)] if o is not loaded]
+            if rivals:
+                out.append(loaded.located.problem(path, (
+                    f"feature view {name!r} is also registered by {', '.join(sorted(rivals))}: feature views are "
+                    f"per tenant (one Feast project per tenant), so rename one in spec.features.views")))
+    return out
+
+
 def check_data_source(source: str, tenant: TenantFile) -> str | None:
     """None when ``source`` is inside one of the tenant's allowed prefixes, else why not."""
     normalised = normalise_source(source)
@@ -510,4 +538,4 @@ def _check_expectations(spec: PipelineSpec, located: Located) -> list[Problem]:
     return out
 
 
-__all__ = ["Catalog", "LoadedSpec", "BrokenSpec", "load_catalog", "load_spec", "spec_paths", "dotted"]
+__all__ = ["feature_view_clashes", "Catalog", "LoadedSpec", "BrokenSpec", "load_catalog", "load_spec", "spec_paths", "dotted"]
