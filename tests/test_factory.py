@@ -163,3 +163,36 @@ def test_standalone_gateway_makes_canary_bakes_deferrable(platform, monkeypatch)
     task = build_all(catalog, standalone)["acme__churn-xgb"].get_task("canary_deploy")
     assert type(task) is DeferrableCanaryDeployOperator
     assert task.execute_complete.__name__ == "execute_complete"
+
+
+def test_unknown_trigger_conf_keys_fail_the_run_at_once_with_the_accepted_keys(dags):
+    """Issue 12: a typo in a trigger conf (hp_max_dept) fails the first task instead of being ignored; the
+    control and monitor DAGs accept exactly their own params."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from mlplatform.operators.base import check_conf_keys
+
+    def context(conf):
+        return {"dag_run": SimpleNamespace(conf=conf), "params": conf, "run_id": "manual__x"}
+
+    validate = dags["acme__churn-xgb"].get_task("validate")
+    with pytest.raises(AirflowFailException) as exc:
+        validate.run_context(context({"as_of": "2026-11-01", "hp_max_dept": 7}))
+    assert str(exc.value) == (
+        "unknown trigger conf key(s) 'hp_max_dept' (did you mean 'hp_max_depth'?) for acme__churn-xgb: accepted "
+        "keys are as_of, hp_max_depth, hp_n_estimators, skip_canary; the run does not start with a setting it "
+        "would ignore")
+    ctx = validate.run_context(context({"as_of": "2026-11-01", "hp_max_depth": 7, "skip_canary": True}))
+    assert ctx.as_of == "2026-11-01"
+    validate.run_context(context({}))  # scheduled and asset-triggered runs carry no conf
+    validate.run_context({"params": {}, "run_id": "scheduled__x"})
+    control = dags["acme__deployments"].get_task("apply_action")
+    check_conf_keys(control, context({"pipeline": "churn-xgb", "action": "abort", "reason": "bad canary"}))
+    with pytest.raises(AirflowFailException, match="'actoin' .*accepted keys are action, pipeline, reason"):
+        check_conf_keys(control, context({"pipeline": "churn-xgb", "actoin": "abort"}))
+    for task in dags["acme__churn-xgb__monitor"].tasks:
+        check_conf_keys(task, context({"as_of": "2026-11-01"}))
+        with pytest.raises(AirflowFailException, match="accepted keys are as_of"):
+            check_conf_keys(task, context({"asof": "2026-11-01"}))

@@ -45,6 +45,7 @@ class StageOperator(BaseOperator):
     def run_context(self, context: Any):
         from mlplatform.stages.context import RunContext
 
+        check_conf_keys(self, context)
         params = dict(context.get("params") or {})
         return RunContext(
             spec=self.spec,
@@ -76,3 +77,25 @@ class StageOperator(BaseOperator):
 
     def run(self, ctx: Any, upstream: dict[str, Any], context: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def check_conf_keys(task: BaseOperator, context: Any) -> None:
+    """Fail the run at once on a trigger-conf key the DAG has no Param for (a typo such as ``hp_max_dept``
+    would otherwise be ignored: Airflow merges conf into ``params`` and validates only the declared keys)."""
+    conf = getattr(context.get("dag_run"), "conf", None) or {}
+    if not conf or not isinstance(conf, dict):
+        return
+    try:
+        accepted = set(task.dag.params) | set(task.params or {})
+    except Exception:  # noqa: BLE001 - a task outside a DAG (unit tests): nothing to check against
+        return
+    unknown = sorted(str(k) for k in conf if k not in accepted)
+    if not unknown:
+        return
+    import difflib
+
+    hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, sorted(accepted), n=1))
+             else repr(k) for k in unknown]
+    raise AirflowFailException(
+        f"unknown trigger conf key(s) {', '.join(hints)} for {task.dag_id}: accepted keys are "
+        f"{', '.join(sorted(accepted)) or 'none'}; the run does not start with a setting it would ignore")
