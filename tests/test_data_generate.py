@@ -134,3 +134,26 @@ def test_symlink_into_another_tenants_data_is_refused(config):
     (part / "part-1.parquet").symlink_to(next((config.data_root / "globex" / "accounts").glob("dt=*/*.parquet")))
     with pytest.raises(StageFailed, match="resolves to .*globex"):
         list_partitions("acme/churn", config, allowed)
+
+
+def test_missing_as_of_partition_names_the_nearest_partitions_and_the_count():
+    """Issue 12: not every partition of the source on one line, the neighbours of the asked date."""
+    from pathlib import Path
+
+    import pytest
+
+    from mlplatform.data.partitions import Partition, split_partitions
+    from mlplatform.stages.context import StageFailed
+
+    parts = [Partition(f"2026-{m:02d}-{d:02d}", (Path("x.parquet"),)) for m in range(1, 13) for d in (1, 15)]
+    with pytest.raises(StageFailed) as exc:
+        split_partitions(parts, "2026-06-07")
+    assert str(exc.value) == (
+        "no partition dt=2026-06-07 in the source (nearest before: dt=2026-06-01; nearest after: dt=2026-06-15; "
+        "24 partition(s), from dt=2026-01-01 to dt=2026-12-15): trigger with one of its partition dates as as_of, "
+        "or leave as_of empty for the newest")
+    with pytest.raises(StageFailed, match=r"\(none before it; nearest after: dt=2026-01-01; 24 partition"):
+        split_partitions(parts, "2025-01-01")
+    with pytest.raises(StageFailed, match=r"nearest before: dt=2026-12-15; none after it;"):
+        split_partitions(parts, "2027-01-01")
+    assert split_partitions(parts, "2026-06-15")[1].date == "2026-06-15"

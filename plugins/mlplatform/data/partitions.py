@@ -73,10 +73,22 @@ def split_partitions(parts: list[Partition], as_of: str | None) -> tuple[list[Pa
     else:
         matches = [p for p in parts if p.date == as_of]
         if not matches:
-            dates = ", ".join(p.date for p in parts)
-            raise StageFailed(f"no partition dt={as_of} in the source (have: {dates})")
+            raise StageFailed(missing_partition_message(parts, as_of))
         current = matches[0]
     training = [p for p in parts if p.date < current.date]
     if not training:
         training = [current]
     return training, current
+
+
+def missing_partition_message(parts: list[Partition], as_of: str) -> str:
+    """Why ``as_of`` has no partition: the nearest partitions before and after it and how many there are (a
+    source with years of daily partitions would otherwise print them all on one line)."""
+    dates = sorted(p.date for p in parts)
+    before = [d for d in dates if d < as_of]
+    after = [d for d in dates if d > as_of]
+    near = [f"nearest before: dt={before[-1]}" if before else "none before it",
+            f"nearest after: dt={after[0]}" if after else "none after it"]
+    span = f", from dt={dates[0]} to dt={dates[-1]}" if dates else ""
+    return (f"no partition dt={as_of} in the source ({'; '.join(near)}; {len(dates)} partition(s){span}): "
+            "trigger with one of its partition dates as as_of, or leave as_of empty for the newest")
