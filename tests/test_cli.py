@@ -59,3 +59,31 @@ def test_k8s_manifests_per_tenant():
     out = run("k8s", "globex")
     assert out.returncode == 0, out.stderr
     assert "kind: ResourceQuota" in out.stdout and "requests.nvidia.com/gpu: '1'" in out.stdout
+
+
+def test_without_airflow_home_commands_use_the_project_home_and_write_nothing_outside(tmp_path):
+    """Issue 12: `mlplatform sync-pools` without AIRFLOW_HOME crashed on ~/airflow/airflow.db; now the project's
+    .airflow/ home is used (as by `make demo`), and an empty database gets a message saying what to set."""
+    import os
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "AIRFLOW_HOME" and not k.startswith("AIRFLOW__")}
+    env.update(HOME=str(home), AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{tmp_path / 'empty.db'}")
+    out = run("sync-pools", "--dry-run", env=env)
+    assert out.returncode == 1
+    assert "the Airflow metadata database is not set up: (sqlite3.OperationalError) no such table: slot_pool" in out.stderr
+    assert "Airflow home: the project's .airflow/ (AIRFLOW_HOME is unset)" in out.stderr
+    assert "set AIRFLOW_HOME" in out.stderr and "Traceback" not in out.stderr
+    assert run("lint", env=env).returncode == 0
+    assert list(home.iterdir()) == [], "nothing written under ~ (no ~/airflow)"
+
+
+def test_airflow_env_puts_the_venv_first_on_path(tmp_path):
+    """`airflow standalone` (make ui) starts its components as `airflow` from PATH."""
+    import os
+
+    from mlplatform.local_airflow import BIN, airflow_env
+
+    path = airflow_env(tmp_path, 8080)["PATH"].split(os.pathsep)
+    assert path[0] == str(BIN) and path.count(str(BIN)) == 1

@@ -342,9 +342,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PROJECT_AIRFLOW_HOME = REPO_ROOT / ".airflow"
+# Commands that read or write Airflow's metadata database.
+DB_COMMANDS = ("sync-pools", "sync", "usage")
+
+
+def use_project_airflow_home() -> None:
+    """Without AIRFLOW_HOME, every command uses the project's ``.airflow/`` home, the one ``make demo`` and
+    ``make ui`` run on (its SQLite DB, DAG and plugin folders), instead of Airflow's default ~/airflow: nothing
+    is written outside the project. Settings already in the environment win. Call before importing Airflow."""
+    if os.environ.get("AIRFLOW_HOME"):
+        return
+    from mlplatform.local_airflow import airflow_env
+
+    env = airflow_env(PROJECT_AIRFLOW_HOME, 8080)
+    os.environ.update({k: v for k, v in env.items() if k not in os.environ or k == "PATH"})
+
+
+def _database_problem(exc: Exception) -> int:
+    from airflow.configuration import conf
+
+    home = os.environ.get("AIRFLOW_HOME", "")
+    where = "the project's .airflow/ (AIRFLOW_HOME is unset)" if Path(home) == PROJECT_AIRFLOW_HOME else home
+    print(f"the Airflow metadata database is not set up: {str(exc).splitlines()[0]}\n"
+          f"  Airflow home: {where}\n"
+          f"  database: {conf.get('database', 'sql_alchemy_conn', fallback='?').split('@')[-1]}\n"
+          "  run `make demo` or `make ui` once (they run `airflow db migrate` there), or set AIRFLOW_HOME (and "
+          "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN) to your Airflow installation", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The console script (``argv`` None) first picks the project's Airflow home when AIRFLOW_HOME is unset;
+    in-process callers (tests) keep their own environment."""
+    if argv is None:
+        use_project_airflow_home()
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if args.command not in DB_COMMANDS:
+        return args.func(args)
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    try:
+        return args.func(args)
+    except (OperationalError, ProgrammingError) as exc:  # e.g. "no such table: slot_pool" on an empty DB
+        return _database_problem(exc)
 
 
 if __name__ == "__main__":

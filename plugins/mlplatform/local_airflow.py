@@ -63,6 +63,8 @@ def airflow_env(home: Path, port: int, sql_conn: str | None = None, extra: dict[
         "GIT_PYTHON_REFRESH": "quiet",
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
+        # `airflow standalone` starts its components as `airflow` from PATH: this venv's, even when not activated
+        "PATH": os.pathsep.join([str(BIN), *(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != str(BIN))]),
     })
     env.update(extra or {})
     return env
