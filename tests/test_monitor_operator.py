@@ -250,3 +250,75 @@ def test_reports_go_to_s3_with_links_that_open(setup, monkeypatch):
         assert httpx.get(result["prediction_drift"]["report_url"]).status_code == 200
     finally:
         server.stop()
+
+
+def test_monitor_uses_the_platform_registry_under_make_ui_environment(setup, tmp_path):
+    """Under ``make ui`` the task has no MLFLOW_TRACKING_URI and runs in the repository: the champion must
+    still load through the platform's registry (MLPLATFORM_HOME), prediction drift and performance must be
+    computed, and MLflow's process default (an ``mlflow.db`` in the working directory) never touched."""
+    import os
+    import subprocess
+
+    import pandas as pd
+
+    from mlplatform.stages.context import run_key
+
+    snapshot = _train_snapshot(setup.config, run_key("scheduled__ui"))
+    features = setup.dag.task_dict["drift_check"].spec.feature_columns(list(pd.read_parquet(snapshot).columns))
+    _real_champion(setup.config, snapshot, features)
+    assert setup.config.tracking_uri == f"sqlite:///{setup.config.home / 'mlflow.db'}"  # the home's default
+    cwd = tmp_path / "repo-root"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    env.update(MLPLATFORM_HOME=str(setup.config.home), MLPLATFORM_SPECS_DIR=str(setup.config.specs_dir),
+               PYTHONPATH=os.pathsep.join([str(REPO / "plugins"), env.get("PYTHONPATH", "")]))
+    code = """if True:
+        import json
+        from types import SimpleNamespace
+        from mlplatform.config import load_config
+        from mlplatform.factory.monitor import build_monitor_dags
+        from mlplatform.spec.loader import load_catalog
+
+        config = load_config()
+        op = build_monitor_dags(load_catalog(config), config)["acme__churn-mon__monitor"].task_dict["drift_check"]
+        ti = SimpleNamespace(try_number=1, task_id="drift_check", dag_id=op.dag_id, run_id="manual__ui",
+                             get_dr_count=lambda dag_id, states: 0)
+        class Events:
+            def __getitem__(self, alias):
+                return SimpleNamespace(add=lambda asset, extra=None: None)
+        context = {"run_id": "manual__ui", "params": {"as_of": None}, "ti": ti, "outlet_events": Events(),
+                   "dag_run": SimpleNamespace(run_type="manual")}
+        result = op.execute(context)
+        print("RESULT=" + json.dumps(result, default=str))
+    """
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT="))
+    result = json.loads(line[len("RESULT="):])
+    assert result["status"] == "checked" and result.get("model_checks_error") is None, result
+    assert result["prediction_drift"]["column"] == "prediction" and isinstance(result["prediction_drift"]["score"], float)
+    perf = result["performance"]
+    assert perf["metric"] == "roc_auc" and perf["rows"] > 100 and perf["at_evaluation"] == 0.8
+    assert result["performance_note"] is None
+    assert "no labels" not in proc.stdout + proc.stderr
+    assert sorted(p.name for p in cwd.iterdir()) == [], "MLflow's process default was used in the cwd"
+
+
+def test_performance_note_only_when_there_are_no_labels():
+    import pandas as pd
+
+    from mlplatform.spec.model import PipelineSpec
+    from mlplatform.stages.monitor_data import performance_skipped, summary_lines
+
+    spec = PipelineSpec.model_validate({
+        "apiVersion": "mlplatform.io/v1", "kind": "Pipeline", "metadata": {"name": "churn-p", "tenant": "acme"},
+        "spec": {"data": {"source": "acme/churn", "entity": "e", "timestamp": "t", "label": "churned"}}})
+    assert performance_skipped(spec, pd.DataFrame({"x": [1.0, 2.0]})).startswith("no labels in the current data yet")
+    assert "all 2 'churned' values are null" in performance_skipped(spec, pd.DataFrame({"churned": [None, None]}))
+    assert performance_skipped(spec, pd.DataFrame({"churned": [1, None, 0]})) is None
+    assert "both classes" in performance_skipped(spec, pd.DataFrame({"churned": [1, 1, None]}))
+    lines = summary_lines({"current": "c", "current_source": "partition", "prediction_drift": None,
+                           "performance": None, "model_checks_error": "MlflowException: not found"})
+    assert lines[-1] == "performance not computed: MlflowException: not found"
+    assert not any("no labels" in x for x in lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -169,18 +170,93 @@ def test_rejects_when_not_beating_champion_by_margin(platform):
     metrics = client(ctx).get_run(platform.train_result["run_id"]).data.metrics
     assert metrics["champion_roc_auc"] == pytest.approx(result["champion_value"])
 
+    # margin 0: a tie (the same model, improvement +0.0000) never beats the champion
     tie = evaluate_model(make_ctx("churn-champ", minimum=0.6), platform.train_result, platform.features)
-    assert tie["decision"] == "accepted" and tie["champion_version"] == version
+    assert tie["decision"] == "rejected" and tie["champion_version"] == version, tie
+    assert tie["champion_value"] == tie["value"]
+    assert tie["reason"] == (f"roc_auc {tie['value']:.4f} does not beat champion v{version} ({tie['value']:.4f}) "
+                             "by more than the margin 0 (improvement +0.0000)")
+    # log_loss, lower is better: the same loss is a tie too
+    loss = evaluate_model(make_ctx("churn-champ", metric="log_loss", minimum=5.0), platform.train_result,
+                          platform.features)
+    assert loss["decision"] == "rejected" and "does not beat" in loss["reason"], loss
+
+
+def test_same_data_spec_and_hyperparameters_as_champion_is_not_registered_again(platform):
+    from mlplatform.stages.evaluate import evaluate_model
+    from mlplatform.stages.register import HYPERPARAMETERS_TAG, hyperparameters_sha256, register_model
+
+    ctx = make_ctx("churn-dup", minimum=0.6)
+    first = register_model(ctx, platform.train_result, {"decision": "accepted", "metric": "roc_auc", "value": 0.8}, {})
+    c = client(ctx)
+    assert c.get_model_version("acme.churn-dup", first["version"]).tags[HYPERPARAMETERS_TAG] == \
+        hyperparameters_sha256({"C": 1.0}) == hyperparameters_sha256({"C": 1})
+    c.set_registered_model_alias("acme.churn-dup", "champion", first["version"])
+
+    again = evaluate_model(make_ctx("churn-dup", run_id="manual__again", minimum=0.6, margin_over_champion=-1.0),
+                           platform.train_result, platform.features)
+    assert again["decision"] == "rejected" and again["champion_version"] == first["version"]
+    assert again["reason"].startswith(f"same training as champion v{first['version']}: data fingerprint fp-abc")
+    assert "not registered again" in again["reason"] and again["champion_value"] is None
+    assert c.get_run(platform.train_result["run_id"]).data.tags["mlplatform.evaluation"] == "rejected"
+
+    # other hyperparameters, another spec or other data: not a duplicate; the metric gate decides (a negative
+    # margin lets the same score through here)
+    for other in (make_ctx("churn-dup", run_id="manual__hp", hyperparameters={"C": 0.5}, minimum=0.6,
+                           margin_over_champion=-1.0),
+                  replace(make_ctx("churn-dup", run_id="manual__spec", minimum=0.6, margin_over_champion=-1.0),
+                          spec_sha256="sha-2")):
+        result = evaluate_model(other, platform.train_result, platform.features)
+        assert result["decision"] == "accepted" and result["champion_value"] is not None, result
+    new_data = evaluate_model(make_ctx("churn-dup", minimum=0.6, margin_over_champion=-1.0),
+                              platform.train_result | {"data_fingerprint": "fp-new"}, platform.features)
+    assert new_data["decision"] == "accepted", new_data
+
+    # a champion registered before the hyperparameters tag existed: compared by its metric only
+    c.delete_model_version_tag("acme.churn-dup", first["version"], HYPERPARAMETERS_TAG)
+    old = evaluate_model(make_ctx("churn-dup", minimum=0.6), platform.train_result, platform.features)
+    assert old["decision"] == "rejected" and "does not beat" in old["reason"], old
+
+
+def test_models_load_through_the_platform_uri_not_the_process_default(platform, tmp_path, monkeypatch):
+    """Evaluate and the champion's loading never touch MLflow's process-wide tracking/registry URI."""
+    import mlflow
+
+    from mlplatform.stages.evaluate import evaluate_model, load_classifier
+
+    ctx = make_ctx("churn-uri", minimum=0.6)
+    version = make_champion(ctx, platform.train_result["model_uri"])
+    elsewhere = tmp_path / "elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere}")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{elsewhere}")
+    mlflow.set_tracking_uri(f"sqlite:///{elsewhere}")
+    mlflow.set_registry_uri(f"sqlite:///{elsewhere}")
+    try:
+        model, columns = load_classifier(f"models:/acme.churn-uri/{version}", ctx.config)
+        assert hasattr(model, "predict_proba") and columns == FEATURES
+        result = evaluate_model(ctx, platform.train_result, platform.features)
+        assert result["champion_version"] == version and result["champion_value"] == result["value"]
+        assert mlflow.get_tracking_uri() == f"sqlite:///{elsewhere}"  # restored after the scoped use
+        assert not elsewhere.exists()
+    finally:
+        mlflow.set_tracking_uri(ctx.config.tracking_uri)
+        mlflow.set_registry_uri(ctx.config.tracking_uri)
 
 
 @pytest.mark.parametrize(
     ("metric", "value", "champion", "margin", "accepted"),
     [
-        ("roc_auc", 0.80, 0.75, 0.05, True),
+        ("roc_auc", 0.81, 0.75, 0.05, True),
+        ("roc_auc", 0.80, 0.75, 0.05, False),  # exactly the margin: not more than it
         ("roc_auc", 0.80, 0.76, 0.05, False),
+        ("roc_auc", 0.7155, 0.7155, 0.0, False),  # a tie never beats the champion
+        ("roc_auc", 0.7156, 0.7155, 0.0, True),
         ("f1", 0.70, None, 0.5, True),
-        ("log_loss", 0.40, 0.50, 0.1, True),
+        ("log_loss", 0.39, 0.50, 0.1, True),
+        ("log_loss", 0.40, 0.50, 0.1, False),
         ("log_loss", 0.45, 0.50, 0.1, False),
+        ("log_loss", 0.50, 0.50, 0.0, False),
+        ("log_loss", 0.49, 0.50, 0.0, True),
         ("log_loss", 0.55, 0.50, 0.0, False),
     ],
 )
@@ -191,7 +267,7 @@ def test_gate_direction(metric, value, champion, margin, accepted):
 
 
 def test_register_creates_tagged_version_with_challenger_alias_once(platform):
-    from mlplatform.stages.register import register_model
+    from mlplatform.stages.register import hyperparameters_sha256, register_model
 
     ctx = make_ctx("churn-reg")
     evaluation = {"decision": "accepted", "metric": "roc_auc", "value": 0.81}
@@ -205,6 +281,7 @@ def test_register_creates_tagged_version_with_challenger_alias_once(platform):
         "mlplatform.spec_sha256": "sha-1",
         "mlplatform.dag_run_id": RUN_ID,
         "mlplatform.data_fingerprint": "fp-abc",
+        "mlplatform.hyperparameters_sha256": hyperparameters_sha256({"C": 1.0}),
         "mlplatform.git_commit": "0123abc",
         "mlplatform.tenant": "acme",
         "mlplatform.pipeline": "churn-reg",

@@ -249,7 +249,7 @@ class EvaluationSpec(Strict):
     metric: Literal["roc_auc", "accuracy", "f1", "log_loss"] = "roc_auc"
     minimum: float = Field(0.6, description="The challenger must reach this on the held-out split.")
     margin_over_champion: float = Field(
-        0.0, ge=-1.0, le=1.0, description="...and beat the current champion by at least this much."
+        0.0, ge=-1.0, le=1.0, description="...and beat the current champion by more than this much (a tie never wins)."
     )
 
 

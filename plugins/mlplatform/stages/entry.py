@@ -81,10 +81,8 @@ def drift_check(ctx: RunContext, reference: str, current_files: list[str], out_d
     """The monitor DAG's data work: feature drift between the champion's training snapshot and the current
     data, and the champion's prediction drift and (with labels) performance. Loading the champion model
     happens here too: a model artifact is the output of tenant-influenced training."""
-    from mlplatform.stages import registry
     from mlplatform.stages.drift import drift_between
 
-    registry.use_tracking(ctx.config)  # the champion is loaded through MLflow's fluent API
     current = [Path(f) for f in current_files]
     result = drift_between(ctx.spec, [Path(reference)], current, features, Path(out_dir))
     result.update(_model_checks(ctx, model_name, champion_version, champion_eval, Path(reference), current,
@@ -98,15 +96,16 @@ def _model_checks(ctx: RunContext, model_name: str, version: str, champion_eval:
     raised: the feature-drift verdict stands on its own."""
     import pandas as pd
 
-    from mlplatform.stages.monitor_data import champion_model, performance, prediction_drift
+    from mlplatform.stages.monitor_data import champion_model, performance, performance_skipped, prediction_drift
 
-    try:
-        model, columns = champion_model(model_name, version)
+    try:  # the champion comes through the platform's tracking server and registry only (ctx.config)
+        model, columns = champion_model(ctx.config, model_name, version)
         columns = columns or features
         ref = pd.read_parquet(reference)
         cur = pd.concat([pd.read_parquet(f) for f in current_files], ignore_index=True)
         pred = prediction_drift(ctx.spec, model, columns, ref, cur, out_dir)
-        return {"prediction_drift": pred, "performance": performance(ctx.spec, model, columns, cur, champion_eval)}
+        return {"prediction_drift": pred, "performance": performance(ctx.spec, model, columns, cur, champion_eval),
+                "performance_note": performance_skipped(ctx.spec, cur)}
     except Exception as exc:  # noqa: BLE001 - e.g. a champion whose model cannot load here
         log.warning("prediction drift / performance not computed: %s: %s", type(exc).__name__, exc)
         return {"prediction_drift": None, "performance": None, "model_checks_error": f"{type(exc).__name__}: {exc}"}

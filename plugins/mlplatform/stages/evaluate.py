@@ -2,11 +2,19 @@
 
 The gate, with ``evaluation.metric``, ``minimum`` and ``margin_over_champion`` from the spec:
 
-* roc_auc, accuracy, f1 (higher is better): value >= minimum, and value >= champion + margin;
+* roc_auc, accuracy, f1 (higher is better): value >= minimum, and value > champion + margin;
 * log_loss (lower is better): ``minimum`` is the highest acceptable loss: value <= minimum, and
-  value <= champion - margin.
+  value < champion - margin.
 
-Without a champion (or one that needs columns the holdout lacks) only the minimum applies.
+The candidate must beat the champion by strictly more than the margin: a tie (improvement 0, or exactly the
+margin) is rejected, so an identical model is never registered and promoted again. Before any scoring, a
+candidate trained on the same data (``mlplatform.data_fingerprint``), from the same spec
+(``mlplatform.spec_sha256``) with the same effective hyperparameters (``mlplatform.hyperparameters_sha256``)
+as the champion version is rejected as a duplicate of it; a champion registered before the hyperparameters
+tag existed is only compared by its metric.
+
+Without a champion (or one that needs columns the holdout lacks) only the minimum applies. Models are
+loaded through the platform's tracking server and registry only (``registry.local_model``).
 """
 
 from __future__ import annotations
@@ -26,17 +34,23 @@ def evaluate_model(ctx: RunContext, train_result: dict, features: dict) -> dict[
     import pandas as pd
 
     ev = ctx.spec.spec.evaluation
-    registry.use_tracking(ctx.config)
     holdout = pd.read_parquet(features["holdout_path"])
-    model, _ = load_classifier(train_result["model_uri"])
+    model, _ = load_classifier(train_result["model_uri"], ctx.config)
     value = score(model, holdout, list(features["feature_columns"]), ctx.spec.spec.data.label, ev.metric)
 
     client = registry.client(ctx)
     champion_version = registry.get_alias_version(client, ctx.spec.model_name, CHAMPION)
     champion_value, note = None, ""
+    duplicate = None
     if champion_version is not None:
-        champion_value, note = score_champion(ctx, champion_version, holdout)
-    accepted, reason = gate(ev.metric, value, ev.minimum, ev.margin_over_champion, champion_value, champion_version)
+        duplicate = same_as_champion(ctx, client, champion_version, train_result)
+    if duplicate:
+        accepted, reason = False, duplicate
+    else:
+        if champion_version is not None:
+            champion_value, note = score_champion(ctx, champion_version, holdout)
+        accepted, reason = gate(ev.metric, value, ev.minimum, ev.margin_over_champion, champion_value,
+                                champion_version)
 
     run_id = train_result["run_id"]
     client.log_metric(run_id, f"eval_{ev.metric}", value)
@@ -54,19 +68,39 @@ def evaluate_model(ctx: RunContext, train_result: dict, features: dict) -> dict[
     }
 
 
-def load_classifier(model_uri: str):
-    """(model with predict_proba, its signature's input columns or None) for a logged model: the native
-    xgboost/sklearn model, else its pyfunc whose predict must return P(label=1)."""
-    import mlflow
+def same_as_champion(ctx: RunContext, client, champion_version: str, train_result: dict) -> str | None:
+    """The rejection reason when the candidate repeats the champion version's training exactly: same data
+    fingerprint, spec hash and effective hyperparameters (all three known on both sides); else None."""
+    from mlplatform.stages.register import HYPERPARAMETERS_TAG, hyperparameters_sha256
 
-    info = mlflow.models.get_model_info(model_uri)
+    tags = client.get_model_version(ctx.spec.model_name, champion_version).tags or {}
+    fingerprint = str(train_result.get("data_fingerprint") or "unknown")
+    hp_sha = hyperparameters_sha256(ctx.hyperparameters())
+    mine = {"mlplatform.data_fingerprint": fingerprint, "mlplatform.spec_sha256": ctx.spec_sha256,
+            HYPERPARAMETERS_TAG: hp_sha}
+    if any(v in ("", "unknown") or tags.get(k) != v for k, v in mine.items()):
+        return None
+    return (f"same training as champion v{champion_version}: data fingerprint {fingerprint}, spec sha256 "
+            f"{ctx.spec_sha256[:12]}, hyperparameters sha256 {hp_sha[:12]} all equal the champion's; "
+            f"not registered again")
+
+
+def load_classifier(model_uri: str, config):
+    """(model with predict_proba, its signature's input columns or None) for a logged model: the native
+    xgboost/sklearn model, else its pyfunc whose predict must return P(label=1). ``model_uri`` is resolved
+    and downloaded through ``config``'s tracking server and registry, never MLflow's process default."""
+    import mlflow
+    from mlflow.models import Model
+
+    path = registry.local_model(config, model_uri)
+    info = Model.load(path)
     columns = info.signature.inputs.input_names() if info.signature else None
     if "xgboost" in info.flavors:
-        return mlflow.xgboost.load_model(model_uri), columns
+        return mlflow.xgboost.load_model(path), columns
     if "sklearn" in info.flavors:
-        return mlflow.sklearn.load_model(model_uri), columns
+        return mlflow.sklearn.load_model(path), columns
     if "python_function" in info.flavors:  # e.g. the trainer's pytorch MLP: predict returns P(label=1)
-        return PyfuncProbabilities(mlflow.pyfunc.load_model(model_uri)), columns
+        return PyfuncProbabilities(mlflow.pyfunc.load_model(path)), columns
     raise StageFailed(f"{model_uri} has no xgboost, sklearn or pyfunc flavor: {sorted(info.flavors)}")
 
 
@@ -112,7 +146,7 @@ def score(model, holdout, columns: list[str], label: str, metric: str) -> float:
 
 def score_champion(ctx: RunContext, version: str, holdout) -> tuple[float | None, str]:
     """(champion's metric on the holdout or None, note for the reason) using the champion's own columns."""
-    model, columns = load_classifier(f"models:/{ctx.spec.model_name}/{version}")
+    model, columns = load_classifier(f"models:/{ctx.spec.model_name}/{version}", ctx.config)
     columns = columns or ctx.spec.feature_columns(list(holdout.columns))
     missing = [c for c in columns if c not in holdout.columns]
     if missing:
@@ -137,6 +171,8 @@ def gate(
         return True, f"{metric} {value:.4f} meets the minimum {minimum:g}; no champion to compare with"
     gain = value - champion_value if higher else champion_value - value
     versus = f"champion v{champion_version} ({champion_value:.4f})"
-    if gain < margin - _EPSILON:
-        return False, f"{metric} {value:.4f} does not beat {versus} by the margin {margin:g} (improvement {gain:+.4f})"
-    return True, f"{metric} {value:.4f} beats {versus} by {gain:+.4f} (margin {margin:g})"
+    shown = f"{gain:+.4f}" if abs(gain) >= 1e-4 or abs(gain) <= _EPSILON else f"{gain:+.2e}"
+    if gain <= margin + _EPSILON:  # strictly more than the margin: a tie never wins
+        return False, (f"{metric} {value:.4f} does not beat {versus} by more than the margin {margin:g} "
+                       f"(improvement {shown})")
+    return True, f"{metric} {value:.4f} beats {versus} by {shown} (more than the margin {margin:g})"

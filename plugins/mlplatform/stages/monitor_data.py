@@ -52,9 +52,10 @@ def current_from_prediction_log(location: str, model_name: str, window: timedelt
     return path, f"predictions:{model_name}@{since.isoformat(timespec='seconds')}/{window}", len(frame)
 
 
-def champion_model(model_name: str, version: str):
-    """(classifier with predict_proba, its input columns or None) of a registered version."""
-    return load_classifier(f"models:/{model_name}/{version}")
+def champion_model(config, model_name: str, version: str):
+    """(classifier with predict_proba, its input columns or None) of a registered version, resolved through
+    ``config``'s tracking server and registry (never MLflow's process default)."""
+    return load_classifier(f"models:/{model_name}/{version}", config)
 
 
 def prediction_drift(spec, model, columns: list[str], reference, current, out_dir: Path) -> dict[str, Any]:
@@ -76,14 +77,28 @@ def prediction_drift(spec, model, columns: list[str], reference, current, out_di
             "current_mean": float(cur[PREDICTION].mean())}
 
 
-def performance(spec, model, columns: list[str], current, champion_eval: float | None) -> dict[str, Any] | None:
-    """The champion's metric on labelled current rows against its evaluation; None without labels."""
+def performance_skipped(spec, current) -> str | None:
+    """Why the performance check cannot run on ``current`` (no label column, all labels null, one class for
+    roc_auc), or None when it can."""
     label, metric = spec.spec.data.label, spec.spec.evaluation.metric
     if label not in current.columns:
+        return f"no labels in the current data yet (no {label!r} column)"
+    labelled = current[current[label].notna()]
+    if labelled.empty:
+        return f"no labels in the current data yet (all {len(current)} {label!r} values are null)"
+    if metric == "roc_auc" and labelled[label].nunique() < 2:
+        return (f"roc_auc needs both classes: the {len(labelled)} labelled current rows are all "
+                f"{labelled[label].iloc[0]!r}")
+    return None
+
+
+def performance(spec, model, columns: list[str], current, champion_eval: float | None) -> dict[str, Any] | None:
+    """The champion's metric on labelled current rows against its evaluation; None when
+    ``performance_skipped`` gives a reason."""
+    label, metric = spec.spec.data.label, spec.spec.evaluation.metric
+    if performance_skipped(spec, current) is not None:
         return None
     labelled = current[current[label].notna()]
-    if labelled.empty or (metric == "roc_auc" and labelled[label].nunique() < 2):
-        return None
     value = score(model, labelled, columns, label, metric)
     out = {"metric": metric, "value": value, "rows": len(labelled), "at_evaluation": champion_eval,
            "change": None, "degraded": False}
@@ -110,6 +125,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         at_eval = "n/a" if perf["at_evaluation"] is None else f"{perf['at_evaluation']:.4f}"
         lines.append(f"{'PERFORMANCE DEGRADED' if perf['degraded'] else 'performance'}: {perf['metric']} "
                      f"{perf['value']:.4f} on {perf['rows']} labelled rows (at evaluation {at_eval})")
+    elif result.get("model_checks_error"):
+        lines.append(f"performance not computed: {result['model_checks_error']}")
     else:
-        lines.append("performance: no labels in the current data yet")
+        lines.append(f"performance: {result.get('performance_note') or 'not computed'}")
     return lines

@@ -1,5 +1,9 @@
 """Register stage: the accepted candidate becomes a version of ``<tenant>.<pipeline>`` aliased challenger.
 
+The tags carry the version's lineage: run key, spec hash, data fingerprint, the hash of the effective
+hyperparameters (``mlplatform.hyperparameters_sha256``; evaluate refuses a candidate whose fingerprint, spec
+hash and hyperparameters hash all equal the champion's), code, evaluation and the training snapshot.
+
 Idempotent per DAG run: the version gets its ``mlplatform.run_key`` tag (with all the others) in the
 same call that creates it, so a retry always finds it, re-applies the tags and the alias, and never
 creates a second version.
@@ -15,6 +19,24 @@ from mlplatform.stages.context import RunContext, StageFailed
 
 CHALLENGER = "challenger"
 RUN_KEY_TAG = "mlplatform.run_key"
+HYPERPARAMETERS_TAG = "mlplatform.hyperparameters_sha256"
+
+
+def hyperparameters_sha256(hyperparameters: dict) -> str:
+    """A stable hash of effective hyperparameters (key order and int/float spelling of whole numbers aside)."""
+    import hashlib
+
+    def norm(value):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, dict):
+            return {str(k): norm(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [norm(v) for v in value]
+        return value
+
+    text = json.dumps(norm(dict(hyperparameters)), sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def register_model(ctx: RunContext, train_result: dict, evaluation: dict, lineage: dict) -> dict[str, Any]:
@@ -30,8 +52,8 @@ def register_model(ctx: RunContext, train_result: dict, evaluation: dict, lineag
     version = find_version(client, name, key)
     created = version is None
     if created:
-        registry.use_tracking(ctx.config)
-        version = str(mlflow.register_model(train_result["model_uri"], name, tags=tags).version)
+        with registry.tracking(ctx.config):  # runs:/ resolves through the fluent API: scoped to the platform's
+            version = str(mlflow.register_model(train_result["model_uri"], name, tags=tags).version)
     else:
         for tag, value in tags.items():
             client.set_model_version_tag(name, version, tag, value)
@@ -52,6 +74,7 @@ def version_tags(ctx: RunContext, train_result: dict, evaluation: dict, lineage:
         "mlplatform.spec_sha256": ctx.spec_sha256,
         "mlplatform.dag_run_id": ctx.run_id,
         "mlplatform.data_fingerprint": str(train_result.get("data_fingerprint", "unknown")),
+        HYPERPARAMETERS_TAG: hyperparameters_sha256(ctx.hyperparameters()),
         "mlplatform.git_commit": ctx.config.git_commit or "unknown",
         "mlplatform.tenant": ctx.spec.metadata.tenant,
         "mlplatform.pipeline": ctx.spec.metadata.name,
