@@ -86,10 +86,11 @@ def _results(airflow_stack, run_id):
     return run, states, {t: api.xcom(DAG_ID, run_id, t) for t in states}
 
 
-def test_pipeline_scheduled_run_then_canary_then_trigger_form(airflow_stack):
+def test_pipeline_scheduled_run_then_duplicate_then_trigger_form(airflow_stack):
     """Run 1 (the cron schedule's) promotes the first model and reports drift (retraining on drift is the
-    monitor DAG's job: tests/test_monitor_e2e.py); run 2 retrains and goes through the canary against the
-    champion; run 3 uses the trigger form (a hyperparameter, skip canary)."""
+    monitor DAG's job: tests/test_monitor_e2e.py); run 2 trains the champion's exact training again and is
+    rejected, not registered twice (the canary against a champion on real Airflow: tests/test_canary_airflow.py);
+    run 3 uses the trigger form (a hyperparameter, skip canary)."""
     from mlflow import MlflowClient
 
     api, config = airflow_stack["api"], airflow_stack["config"]
@@ -115,12 +116,11 @@ def test_pipeline_scheduled_run_then_canary_then_trigger_form(airflow_stack):
 
     run2, states2, r2 = _results(airflow_stack, api.trigger(DAG_ID))
     assert run2["state"] == "success", states2
-    assert r2["evaluate"]["decision"] == "accepted"  # same data and hyperparameters: ties the champion
-    canary = r2["canary_deploy"]
-    assert canary["decision"] in ("promoted", "rolled_back")
-    assert canary["gates"]["requests"] >= 50
-    expected = r2["register"]["version"] if canary["decision"] == "promoted" else "1"
-    assert str(client.get_model_version_by_alias("acme.churn-xgb", "champion").version) == expected
+    # Same data, spec and hyperparameters as the champion: not registered again, no canary.
+    assert r2["evaluate"]["decision"] == "rejected" and "same training as champion v1" in r2["evaluate"]["reason"]
+    assert states2["register"] == states2["canary_deploy"] == "skipped"
+    assert str(client.get_model_version_by_alias("acme.churn-xgb", "champion").version) == "1"
+    assert [str(v.version) for v in client.search_model_versions("name='acme.churn-xgb'")] == ["1"]
 
     run3, states3, r3 = _results(airflow_stack, api.trigger(DAG_ID, {"hp_max_depth": 3, "skip_canary": True,
                                                                       "hp_n_estimators": 60}))

@@ -32,6 +32,7 @@ metadata: {name: churn-canary, tenant: acme}
 spec:
   data: {source: acme/churn, entity: customer_id, timestamp: event_timestamp, label: churned}
   training: {framework: sklearn, model: logistic_regression}
+  evaluation: {margin_over_champion: -1.0}  # run 2 (one more day of data) is accepted whatever its score
   deployment:
     steps: [0.25, 1.0]
     bake_time: 8s
@@ -144,7 +145,7 @@ def test_deferred_bakes_survive_a_triggerer_crash_and_promote(stack):
     from mlplatform.stages.deploy import _holdout_rows
 
     api, procs, client = stack["api"], stack["procs"], stack["client"]
-    run1 = api.trigger(DAG_ID)
+    run1 = api.trigger(DAG_ID, {"as_of": "2026-11-07"})  # run 2 trains on one more day: not the same training
     assert api.wait_for_run(DAG_ID, run1, 900, on_tick=lambda _: procs.check_alive())["state"] == "success"
     first = api.xcom(DAG_ID, run1, "canary_deploy")
     assert first["decision"] == "promoted_first" and first["champion_version"] == "1"

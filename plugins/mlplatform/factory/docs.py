@@ -27,7 +27,7 @@ def spec_doc_md(loaded: LoadedSpec, tenant: TenantFile, template: PipelineTempla
         f"| Validation | {len(b.validation.expectations)} expectations, at least {b.validation.min_rows} rows |",
         f"| Training | {t.framework}{' ' + t.model if t.framework == 'sklearn' else ''} · {hp} |",
         f"| Resources | cpu {res.cpu} · memory {res.memory} · gpu {res.gpu} (pool `{tenant.gpu_pool if res.gpu else tenant.cpu_pool}`) |",
-        f"| Evaluation | {e.metric} ≥ {e.minimum}, beat champion by {e.margin_over_champion} |",
+        f"| Evaluation | {e.metric} ≥ {e.minimum}, beat champion by more than {e.margin_over_champion} |",
         f"| Deployment | {d.target} · canary {d.canary_traffic:.0%} for {d.bake_time} · max error rate {d.gates.max_error_rate}"
         f" · p99 ≤ {d.gates.max_p99_latency_ms} ms · ≥ {d.gates.min_requests} requests |",
         f"| Monitoring | drift threshold {m.drift_threshold:.0%} of columns · retrain on drift: {'yes' if m.retrain_on_drift else 'no'} |",
